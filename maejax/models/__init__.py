@@ -1,0 +1,43 @@
+"""maejax models: `build_model(config.model)` returns a flax.linen Module.
+
+The modules are pure: `model.init(rngs, images)` gives `{"params": ...}` and
+`model.apply({"params": params}, images, ...)` runs them. Nothing here imports
+the training loops, the input pipeline, sharding or checkpointing.
+"""
+
+import jax.numpy as jnp
+
+from maejax.models import model_config
+from maejax.models.mae import MAE
+from maejax.models.model_config import decoder_spec, encoder_spec, resolve
+
+__all__ = ["MAE", "build_model", "resolve"]
+
+
+def compute_dtype(resolved):
+    return jnp.bfloat16 if resolved.dtype == "bfloat16" else jnp.float32
+
+
+def build_model(config_model):
+    """Build the model `config.model` describes, filling defaults for omitted fields.
+
+    Raises:
+      ConfigError: an unknown field or invalid value in `config.model`.
+    """
+    cfg = resolve(config_model)
+    common = dict(
+        image_size=cfg.image_size,
+        dtype=compute_dtype(cfg),
+        remat=cfg.remat,
+        attention_impl=None if cfg.attention_impl == "xla" else cfg.attention_impl,
+    )
+    if cfg.name == "mae":
+        return MAE(
+            encoder_spec(cfg),
+            decoder_spec(cfg),
+            in_channels=cfg.in_channels,
+            mask_ratio=cfg.mask_ratio,
+            norm_pix_loss=cfg.norm_pix_loss,
+            **common,
+        )
+    raise model_config.ConfigError("model.name", cfg.name, "this build supports 'mae'")

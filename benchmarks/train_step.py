@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +29,10 @@ from maejax import models, optim, train_step  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="B/16")
+    p.add_argument("--width", type=int, help="override the variant's encoder width (mlp 4x)")
+    p.add_argument("--depth", type=int, help="override the variant's encoder depth")
+    p.add_argument("--heads", type=int, help="override the variant's encoder heads")
+    p.add_argument("--patch_size", type=int, help="override the variant's patch size")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--in_channels", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
@@ -48,7 +51,16 @@ def model_config(args) -> dict:
     return dict(
         image_size=args.image_size,
         in_channels=args.in_channels,
-        encoder=dict(variant=args.variant),
+        encoder=dict(
+            variant=args.variant,
+            **{
+                k: v
+                for k, v in dict(
+                    width=args.width, depth=args.depth, num_heads=args.heads, patch_size=args.patch_size
+                ).items()
+                if v is not None
+            },
+        ),
         decoder=dict(width=args.decoder_width, depth=args.decoder_depth, num_heads=args.decoder_heads),
         mask_ratio=args.mask_ratio,
         norm_pix_loss=True,
@@ -64,8 +76,8 @@ def maejax_runner(args):
     model = models.build_model(cfg.model)
     shape = (args.batch, args.image_size, args.image_size, args.in_channels)
     key = jax.random.key(0)
-    abstract = jax.eval_shape(lambda: train_step.init_state(model, optax.identity(), key, shape))
-    tx, schedule = optim.build_optimizer(cfg, abstract["params"], num_train_examples=1)
+    abstract = jax.eval_shape(lambda: train_step.init_params(model, key, shape))
+    tx, schedule = optim.build_optimizer(cfg, abstract, num_train_examples=1)
     state = jax.jit(lambda k: train_step.init_state(model, tx, k, shape))(key)
     step = jax.jit(train_step.make_train_step(model, tx, schedule, key), donate_argnums=0)
     batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)}

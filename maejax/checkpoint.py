@@ -1,10 +1,13 @@
 """Orbax checkpoints: params-only exports, and (train loop) state + input position."""
 
+import logging
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from maejax.errors import UserError
 
 PARAMS_DIR = "params"
 
@@ -21,3 +24,83 @@ def save_params(workdir: str, params) -> str:
 def load_params_dir(path: str):
     """Params from a params-only checkpoint directory, as NumPy arrays."""
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class Checkpointer:
+    """Orbax CheckpointManager under WORKDIR/checkpoints: train state + input position.
+
+    Saves are asynchronous (the step loop goes on while arrays are written) and
+    atomic (a step directory appears only once complete, so a kill mid-save
+    leaves the previous checkpoints as they were). `keep` newest are kept.
+    """
+
+    def __init__(self, workdir: str, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+
+    def save(self, step: int, state, position: dict, force: bool = True) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position))
+        self.manager.save(step, args=args, force=force)
+
+    def all_steps(self) -> list:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state):
+        """(step, state, position) of the newest usable checkpoint, or None if there is none.
+
+        A checkpoint that fails to restore (truncated or corrupt files) is
+        skipped with a warning naming it, and the previous one is tried.
+
+        Raises:
+          UserError: checkpoints exist but none can be restored.
+        """
+        steps = self.all_steps()
+        skipped = []
+        for step in reversed(steps):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as e:  # orbax raises many types for damaged files
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                logging.warning(
+                    "checkpoint step %d in %s is unusable (%s); trying an older one",
+                    step,
+                    self.directory,
+                    reason,
+                )
+                skipped.append(step)
+                continue
+            if skipped:
+                logging.warning("resumed from step %d after skipping damaged checkpoints %s", step, skipped)
+            return step, restored["state"], dict(restored["data"])
+        if steps:
+            raise UserError(
+                f"none of the checkpoints {steps} in {self.directory} can be restored; "
+                "move the directory away to start afresh"
+            )
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (what a restore should produce)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -13,11 +13,16 @@ import jax.numpy as jnp
 import optax
 
 
-def init_state(model, tx, key, image_shape) -> dict:
-    """{"step": 0, "params": ..., "opt": ...} for images of `image_shape` (B, H, W, C)."""
+def init_params(model, key, image_shape):
+    """Freshly initialised params for images of `image_shape` (B, H, W, C)."""
     images = jnp.zeros(image_shape, jnp.float32)
     rngs = {"params": key, **step_rngs(jax.random.fold_in(key, 1))}
-    params = model.init(rngs, images, **model.random_inputs(key, image_shape[0]), train=False)["params"]
+    return model.init(rngs, images, **model.random_inputs(key, image_shape[0]), train=False)["params"]
+
+
+def init_state(model, tx, key, image_shape) -> dict:
+    """{"step": 0, "params": ..., "opt": ...} for images of `image_shape` (B, H, W, C)."""
+    params = init_params(model, key, image_shape)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
 
 

@@ -1,0 +1,112 @@
+"""What a run writes for people: metrics.jsonl, TensorBoard events, PNGs, progress lines.
+
+Only process 0 writes; the others get a writer that does nothing, so loops
+call it unconditionally.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+IMAGES_DIR = "images"
+
+
+def _tensorflow():
+    import tensorflow as tf
+
+    # TensorFlow only writes event files here; keep it off any accelerator.
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+class Writer:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
+            self._tb = _tensorflow().summary.create_file_writer(workdir)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.workdir, METRICS_FILE)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metric rows logged after `step` (a resumed run logs them again)."""
+        if not self.enabled or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tf = _tensorflow()
+        with self._tb.as_default(step=int(step)):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, float(value))
+        self._tb.flush()
+
+    def write_image(self, step: int, name: str, grid: np.ndarray, filename: str) -> str | None:
+        """Save a uint8 (H, W, C) grid as images/<filename> and as a TensorBoard image."""
+        if not self.enabled:
+            return None
+        from maejax import visualize
+
+        path = os.path.join(self.workdir, IMAGES_DIR, filename)
+        visualize.save_png(path, grid)
+        tf = _tensorflow()
+        with self._tb.as_default(step=int(step)):
+            tf.summary.image(name, grid[None], step=int(step))
+        self._tb.flush()
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """One line per log step: step/total, loss, lr, img/s, ETA."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int, enabled: bool = True):
+        self.total = total_steps
+        self.batch_size = batch_size
+        self.enabled = enabled
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def images_per_second(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        return rate
+
+    def line(self, step: int, metrics: dict, img_per_s: float) -> str:
+        eta = (self.total - step) * self.batch_size / max(img_per_s, 1e-9)
+        return (
+            f"step {step}/{self.total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
+            f"{img_per_s:.1f} img/s  ETA {format_seconds(eta)}"
+        )
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,83 @@
+"""Shared fixtures: one prepared Fashion-MNIST, tiny configs, one pre-trained workdir."""
+
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_file(path: str):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_overrides(tfds_dir: str) -> dict:
+    """A model small enough for tests, on the real (Debian) Fashion-MNIST files."""
+    return {
+        "model.encoder.width": 32,
+        "model.encoder.depth": 2,
+        "model.encoder.num_heads": 2,
+        "model.encoder.mlp_dim": 64,
+        "model.encoder.patch_size": 4,
+        "model.decoder.width": 32,
+        "model.decoder.depth": 1,
+        "model.decoder.num_heads": 2,
+        "model.decoder.mlp_dim": 64,
+        "dataset.data_dir": tfds_dir,
+        "batch_size": 64,
+        "total_steps": 10,
+        "log_every_steps": 5,
+        "image_every_steps": 10,
+        "checkpoint_every_steps": 10,
+        "optimizer.warmup_steps": 5,
+    }
+
+
+def set_fields(config, overrides: dict):
+    for field, value in overrides.items():
+        *parents, name = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+def tiny_config(tfds_dir: str, base: str = "configs/mae_fmnist.py", **overrides):
+    config = load_config_file(os.path.join(REPO, base))
+    set_fields(config, tiny_overrides(tfds_dir))
+    return set_fields(config, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def cli_overrides(tfds_dir: str, **extra) -> list:
+    fields = {**tiny_overrides(tfds_dir), **{k.replace("__", "."): v for k, v in extra.items()}}
+    return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """Fashion-MNIST prepared once (array_record) from Debian's files, for every test."""
+    from maejax import data_sources
+
+    path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    config = tiny_config(path)
+    data_sources.tfds_builder(config.dataset)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_workdir(tmp_path_factory, tfds_dir):
+    """A tiny MAE pre-trained 100 steps in-process; later tests read it, never write it."""
+    from maejax import train
+
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    config = tiny_config(
+        tfds_dir, total_steps=100, log_every_steps=10, image_every_steps=50, checkpoint_every_steps=50
+    )
+    config.optimizer.blr = 1.5e-3
+    train.train_and_evaluate(config, workdir)
+    return workdir

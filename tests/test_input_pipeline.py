@@ -1,0 +1,137 @@
+"""Input pipeline: real Fashion-MNIST offline, determinism, per-process shares, resume."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from maejax import data_sources, input_pipeline, preprocess
+from maejax.errors import UserError
+from tests.conftest import tiny_config
+
+
+def test_fashion_mnist_reads_the_debian_files_offline(tfds_dir):
+    config = tiny_config(tfds_dir)
+    train = data_sources.get_source(config.dataset, "train", 1)
+    test = data_sources.get_source(config.dataset, "test", 1)
+    assert (len(train), len(test), train.num_classes) == (60000, 10000, 10)
+    with gzip.open(f"{data_sources.DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz") as f:
+        raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+    with gzip.open(f"{data_sources.DEBIAN_FASHION_MNIST}/t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    # tfds stores examples in its own (hashed) order: find each record in the raw file.
+    position = {raw[i].tobytes(): i for i in range(len(raw))}
+    for record in test.__getitems__([0, 1, 5000, 9999]):
+        assert record["image"].shape == (28, 28, 1) and record["image"].dtype == np.uint8
+        i = position[record["image"].tobytes()]
+        assert record["label"] == labels[i]
+
+
+def test_fashion_mnist_normalisation_is_measured_from_its_training_split():
+    with gzip.open(f"{data_sources.DEBIAN_FASHION_MNIST}/train-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read(), np.uint8, offset=16).astype(np.float64) / 255
+    (mean,), (std,) = data_sources.NORMALIZATION["fashion_mnist"]
+    assert abs(pixels.mean() - mean) < 5e-5 and abs(pixels.std() - std) < 5e-5
+
+
+def test_a_manual_dir_without_the_files_is_a_clear_error(tmp_path, tfds_dir):
+    config = tiny_config(tfds_dir, dataset__manual_dir=str(tmp_path))
+    with pytest.raises(UserError, match="lacks the Fashion-MNIST files"):
+        data_sources.get_source(config.dataset, "train", 1)
+
+
+class CountingSource:
+    """An in-memory source that records which indices were read."""
+
+    def __init__(self, n=1000, size=8):
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+        self.read = []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, indices):
+        self.read.extend(int(i) for i in indices)
+        return [{"image": self.images[i], "label": int(i)} for i in indices]
+
+
+def transform(rng, image):
+    return preprocess.pretrain_transform(rng, image, 8, (0.2, 1.0), True, np.float32(0.5), np.float32(0.25))
+
+
+def take(loader, n):
+    try:
+        return [next(loader) for _ in range(n)]
+    finally:
+        loader.close()
+
+
+def test_batches_depend_only_on_seed_and_position():
+    a = take(input_pipeline.TrainLoader(CountingSource(), transform, seed=3, batch_size=32), 5)
+    b = take(input_pipeline.TrainLoader(CountingSource(), transform, seed=3, batch_size=32), 5)
+    c = take(input_pipeline.TrainLoader(CountingSource(), transform, seed=4, batch_size=32), 5)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+
+
+def test_resume_reads_nothing_before_its_position():
+    full = take(input_pipeline.TrainLoader(CountingSource(), transform, seed=0, batch_size=32), 8)
+    source = CountingSource()
+    resumed = take(
+        input_pipeline.TrainLoader(source, transform, seed=0, batch_size=32, start_batch=5, prefetch=1), 3
+    )
+    for x, y in zip(full[5:], resumed, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    first_five = {int(i) for b in full[:5] for i in b["label"]}
+    # The resumed loader read none of the examples of batches 0-4 (the batches
+    # of one epoch never share examples) ...
+    assert not first_five & set(source.read[: 3 * 32])
+
+
+def test_epochs_cover_the_dataset_once_and_reshuffle():
+    per_epoch = input_pipeline.steps_per_epoch(1000, 32)
+    idx = [input_pipeline.batch_indices(0, k, 32, 1000) for k in range(2 * per_epoch)]
+    epoch0, epoch1 = np.concatenate(idx[:per_epoch]), np.concatenate(idx[per_epoch:])
+    assert len(set(epoch0)) == len(epoch0) == per_epoch * 32
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_processes_read_disjoint_shares_of_each_batch():
+    whole = take(input_pipeline.TrainLoader(CountingSource(), transform, seed=0, batch_size=32), 2)
+    shares = [
+        take(
+            input_pipeline.TrainLoader(
+                CountingSource(), transform, seed=0, batch_size=32, process_index=p, process_count=4
+            ),
+            2,
+        )
+        for p in range(4)
+    ]
+    for step in range(2):
+        labels = np.concatenate([s[step]["label"] for s in shares])
+        images = np.concatenate([s[step]["image"] for s in shares])
+        assert len(set(labels)) == 32
+        np.testing.assert_array_equal(labels, whole[step]["label"])
+        np.testing.assert_array_equal(images, whole[step]["image"])  # augmentation independent of P
+
+
+@pytest.mark.parametrize("n, batch, procs", [(10, 4, 2), (10000, 96, 3), (7, 8, 4), (64, 8, 1)])
+def test_padded_evaluation_counts_every_example_once(n, batch, procs):
+    seen, batches = [], set()
+    for p in range(procs):
+        idx, valid = input_pipeline.eval_indices(n, batch, p, procs)
+        seen.extend(idx[valid == 1].tolist())
+        batches.add(len(idx) // (batch // procs))
+    assert sorted(seen) == list(range(n))
+    assert len(batches) == 1  # every process runs the same number of batches
+
+
+def test_random_resized_crop_stays_in_bounds_and_in_scale():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = preprocess.random_resized_crop_box(rng, 28, 20, (0.2, 1.0))
+        assert 0 <= top and top + h <= 28 and 0 <= left and left + w <= 20
+        assert 0.2 * 560 * 0.8 <= h * w <= 560

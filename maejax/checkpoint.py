@@ -1,5 +1,6 @@
 """Orbax checkpoints: params-only exports, and (train loop) state + input position."""
 
+import contextlib
 import logging
 import os
 
@@ -29,6 +30,10 @@ def load_params_dir(path: str):
 CHECKPOINTS_DIR = "checkpoints"
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the ones before it are untouched."""
+
+
 class Checkpointer:
     """Orbax CheckpointManager under WORKDIR/checkpoints: train state + input position.
 
@@ -46,10 +51,25 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        self._pending = None  # the step of the save in flight
 
     def save(self, step: int, state, position: dict, force: bool = True) -> None:
+        """Start saving `step` (asynchronously); a failure names the step and what is intact."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position))
-        self.manager.save(step, args=args, force=force)
+        self._pending = step
+        with self._writing(step):
+            self.manager.save(step, args=args, force=force)
+
+    @contextlib.contextmanager
+    def _writing(self, step):
+        try:
+            yield
+        except Exception as e:
+            intact = [s for s in self.all_steps() if s != step]
+            raise CheckpointWriteError(
+                f"writing checkpoint step {step} to {self.directory} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); the earlier checkpoints {intact} are intact"
+            ) from e
 
     def all_steps(self) -> list:
         return sorted(self.manager.all_steps())
@@ -94,11 +114,15 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the asynchronous save in flight (if any) is on disk."""
+        with self._writing(self._pending):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_with_shardings(tree, shardings):

@@ -35,26 +35,42 @@ class TrainingDiverged(UserError):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the loop checks once per step (save, then exit)."""
+    """Turns SIGTERM (and a first Ctrl-C) into a flag the loop checks once per step.
 
-    def __init__(self):
+    The loop then saves a checkpoint at the current step and exits cleanly; a
+    second Ctrl-C interrupts at once. With several processes JAX's own
+    preemption service takes SIGTERM instead and makes every process agree on
+    the step to save at (`reached_preemption`), so no Python handler is set.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer, single_process: bool):
         self.requested = False
-        self._previous = None
+        self._checkpointer = checkpointer
+        self._single_process = single_process
+        self._previous = {}
+
+    def reached(self, step: int) -> bool:
+        return self.requested or self._checkpointer.manager.reached_preemption(step)
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners)
-            self._previous = None
+        for sig in self.SIGNALS if self._single_process else ():
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (some notebook runners): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
         self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -178,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     last_saved = ckpt.all_steps()[-1] if ckpt.all_steps() else None
     last = {}
     step = start_step
-    with PreemptionWatcher() as preemption:
+    with PreemptionWatcher(ckpt, jax.process_count() == 1) as preemption:
         try:
             while step < total_steps:
                 batch = input_pipeline.to_global({"image": next(loader)["image"]}, batch_sharding)
@@ -204,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         std,
                         step,
                     )
-                preempted = preemption.requested or ckpt.manager.reached_preemption(step)
+                preempted = preemption.reached(step)
                 if step % config.checkpoint_every_steps == 0 or final or preempted:
                     check_finite(
                         {"param_norm": float(jax.device_get(metrics["param_norm"]))}, step, last_saved

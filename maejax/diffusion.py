@@ -102,7 +102,9 @@ def posterior(schedule: Schedule, x0, x_t, t, s):
     abar_s = _expand(abar_at(schedule, s), x0)
     a_ts = abar_t / abar_s
     b_ts = 1.0 - a_ts
-    mean = jnp.sqrt(abar_s) * b_ts / (1.0 - abar_t) * x0 + jnp.sqrt(a_ts) * (1.0 - abar_s) / (1.0 - abar_t) * x_t
+    mean = (
+        jnp.sqrt(abar_s) * b_ts / (1.0 - abar_t) * x0 + jnp.sqrt(a_ts) * (1.0 - abar_s) / (1.0 - abar_t) * x_t
+    )
     var = (1.0 - abar_s) / (1.0 - abar_t) * b_ts
     return mean, var
 
@@ -136,7 +138,9 @@ def _step(sampler: str, schedule: Schedule, x_t, x0, t, s, key, eta: float):
     return jnp.where(_expand(last, x0), x0, nxt)
 
 
-def sample(denoise, schedule: Schedule, shape, key, *, sampler="ddpm", steps=50, eta=0.0, return_trajectory=False):
+def sample(
+    denoise, schedule: Schedule, shape, key, *, sampler="ddpm", steps=50, eta=0.0, return_trajectory=False
+):
     """Draw x0 of `shape` (B, ...) by iterating `denoise` from pure noise.
 
     Args:

@@ -60,7 +60,9 @@ def launch(*args, workdir, tfds_dir, steps):
         "2",
         "--config=configs/mae_fmnist.py",
         f"--workdir={workdir}",
-        *cli_overrides(tfds_dir, total_steps=steps, log_every_steps=1, checkpoint_every_steps=3, image_every_steps=steps),
+        *cli_overrides(
+            tfds_dir, total_steps=steps, log_every_steps=1, checkpoint_every_steps=3, image_every_steps=steps
+        ),
         *args,
     ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -70,7 +72,9 @@ def test_two_processes_train_save_on_sigterm_and_resume(tmp_path, tfds_dir):
     steps = 30
     reference = str(tmp_path / "reference")
     train.train_and_evaluate(
-        tiny_config(tfds_dir, total_steps=steps, log_every_steps=1, checkpoint_every_steps=3, image_every_steps=steps),
+        tiny_config(
+            tfds_dir, total_steps=steps, log_every_steps=1, checkpoint_every_steps=3, image_every_steps=steps
+        ),
         reference,
     )
     workdir = str(tmp_path / "two_processes")

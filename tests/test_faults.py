@@ -49,7 +49,11 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ho
     step, state, position = ckpt.restore_latest(abstract(small_state(0)))
     assert (step, position) == (2, {"next_batch": 2})
     np.testing.assert_array_equal(state["params"]["w"], np.full((4, 8), 2.0))
-    assert "checkpoint step 3" in caplog.text and "unusable" in caplog.text and "skipping damaged checkpoints [3]" in caplog.text
+    assert (
+        "checkpoint step 3" in caplog.text
+        and "unusable" in caplog.text
+        and "skipping damaged checkpoints [3]" in caplog.text
+    )
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
@@ -67,7 +71,9 @@ def test_a_failed_write_is_named_and_keeps_earlier_checkpoints(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.manager, "save", no_space)
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"checkpoint step 2 .* No space left .* \[1\] are intact"):
+    with pytest.raises(
+        checkpoint.CheckpointWriteError, match=r"checkpoint step 2 .* No space left .* \[1\] are intact"
+    ):
         ckpt.save(2, small_state(2), {"next_batch": 2})
     step, state, _ = checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest(abstract(small_state(0)))
     assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
@@ -77,7 +83,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     config = tiny_config(tfds_dir, total_steps=40, log_every_steps=1, checkpoint_every_steps=2)
     config.optimizer.blr = 1e9  # diverges within a few steps
     config.optimizer.warmup_steps = 0
-    with pytest.raises(train.TrainingDiverged, match=r"non-finite loss/gradients at step \d+.*optimizer.grad_clip") as e:
+    with pytest.raises(
+        train.TrainingDiverged, match=r"non-finite loss/gradients at step \d+.*optimizer.grad_clip"
+    ) as e:
         train.train_and_evaluate(config, str(tmp_path))
     bad_step = int(str(e.value).split("at step ")[1].split()[0])
     steps = checkpoint.Checkpointer(str(tmp_path), keep=3).all_steps()
@@ -154,7 +162,10 @@ def run_cli(*args):
 @pytest.mark.parametrize(
     "flag, expected",
     [
-        ("--config.model.image_size=30", "maejax: error: config.model.image_size=30 is invalid: must be divisible"),
+        (
+            "--config.model.image_size=30",
+            "maejax: error: config.model.image_size=30 is invalid: must be divisible",
+        ),
         ("--config.batch_size=many", "batch_size"),
         ("--config.no_such_field=1", "no_such_field"),
     ],

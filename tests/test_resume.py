@@ -50,7 +50,12 @@ def command(workdir, tfds_dir):
 def start(workdir, tfds_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        command(workdir, tfds_dir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command(workdir, tfds_dir),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -62,9 +67,26 @@ def run_until(proc, line_prefix):
     raise AssertionError(f"the run ended before '{line_prefix}': {proc.stderr.read()[-2000:]}")
 
 
+def committed_steps(workdir):
+    ckpt = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def kill_after_first_checkpoint(proc, workdir):
+    """SIGKILL the run at the first progress line after a checkpoint is committed."""
+    for line in proc.stdout:
+        if line.startswith("step ") and committed_steps(workdir):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return int(line.split()[1].split("/")[0])
+    raise AssertionError(f"the run ended before a checkpoint was committed: {proc.stderr.read()[-2000:]}")
+
+
 def finish(workdir, tfds_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run(command(workdir, tfds_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command(workdir, tfds_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -104,12 +126,11 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path, tfds_dir, 
 
 def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path, tfds_dir, reference):
     workdir = str(tmp_path / "run")
-    proc = start(workdir, tfds_dir)
-    run_until(proc, "step 8/")  # step 8 is a checkpoint step: the kill often lands mid-save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    killed_at = kill_after_first_checkpoint(start(workdir, tfds_dir), workdir)
+    last = committed_steps(workdir)[-1]
+    assert killed_at < STEPS and last <= killed_at
     resumed = finish(workdir, tfds_dir)
-    assert "resuming at step" in resumed
+    assert f"resuming at step {last} (input batch {last})" in resumed
     assert_same_losses(workdir, reference)
 
 
@@ -117,12 +138,9 @@ def test_an_interrupted_save_is_ignored(tmp_path, tfds_dir, reference):
     # What kill -9 during an asynchronous save leaves: a step directory that
     # orbax never finalised (no commit marker, partial arrays).
     workdir = str(tmp_path / "run")
-    proc = start(workdir, tfds_dir)
-    run_until(proc, "step 13/")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_first_checkpoint(start(workdir, tfds_dir), workdir)
     ckpt = os.path.join(workdir, "checkpoints")
-    complete = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+    complete = committed_steps(workdir)[-1]
     partial = os.path.join(ckpt, f"{complete + 4}.orbax-checkpoint-tmp")
     os.makedirs(os.path.join(partial, "state"))
     with open(os.path.join(partial, "state", "manifest.ocdbt"), "wb") as f:

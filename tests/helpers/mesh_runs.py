@@ -20,7 +20,9 @@ WIDE = {"model.encoder.width": 128, "model.encoder.mlp_dim": 512, "model.encoder
 
 
 def config_for(tfds_dir, data, fsdp):
-    config = tiny_config(tfds_dir, total_steps=6, log_every_steps=1, checkpoint_every_steps=6, image_every_steps=6)
+    config = tiny_config(
+        tfds_dir, total_steps=6, log_every_steps=1, checkpoint_every_steps=6, image_every_steps=6
+    )
     for field, value in WIDE.items():
         *parents, name = field.split(".")
         node = config
@@ -43,13 +45,20 @@ def kernel_sharding(config):
     shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh)
     state = jax.jit(init, out_shardings=shardings)(key)
     kernel = state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
-    adam_mu = state["opt"][0].mu["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    adam_mu = next(
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt"])[0]
+        if "mu" in jax.tree_util.keystr(path)
+        and "['encoder']['blocks_0']['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)
+    )
     return {
         "global_shape": list(kernel.shape),
         "spec": [str(s) for s in kernel.sharding.spec],
         "shard_shapes": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
         "adam_mu_shard_shapes": sorted({tuple(s.data.shape) for s in adam_mu.addressable_shards}),
-        "bias_spec": [str(s) for s in state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["bias"].sharding.spec],
+        "bias_spec": [
+            str(s) for s in state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["bias"].sharding.spec
+        ],
         "devices": jax.device_count(),
     }
 

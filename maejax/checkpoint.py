@@ -128,3 +128,44 @@ class Checkpointer:
 def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings (what a restore should produce)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _latest_state(checkpoints_dir: str):
+    """(step, state) of the newest checkpoint, restored onto this process's first device."""
+    manager = ocp.CheckpointManager(
+        checkpoints_dir,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    step = manager.latest_step()
+    if step is None:
+        return None, None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    manager.close()
+    return step, restored["state"]
+
+
+def load_params(path: str):
+    """Params (NumPy) from a maejax workdir: its params/ export, else its newest checkpoint.
+
+    Returns:
+      (params, description) where description names what was loaded.
+
+    Raises:
+      UserError: `path` holds neither.
+    """
+    params_dir = os.path.join(path, PARAMS_DIR)
+    if os.path.isdir(params_dir):
+        return load_params_dir(params_dir), f"{params_dir}"
+    checkpoints_dir = os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))
+    if os.path.isdir(checkpoints_dir):
+        step, state = _latest_state(checkpoints_dir)
+        if step is not None:
+            return jax.tree.map(np.asarray, state["params"]), f"{checkpoints_dir} step {step}"
+    raise UserError(
+        f"{path!r} holds no params/ (from maejax.convert) and no checkpoints/ with a saved step: "
+        "point it at a maejax workdir"
+    )

@@ -57,10 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_split = "validation"
     c.dataset.crop_scale = (0.2, 1.0)  # RandomResizedCrop area range for pre-training
     c.dataset.flip = True
-    c.dataset.shuffle_buffer = 16384
-    c.dataset.prefetch = 2  # device batches prepared ahead
-    c.dataset.num_parallel_calls = -1  # tf.data.AUTOTUNE
-    c.dataset.cache = False  # cache decoded images in memory (small datasets)
+    c.dataset.prefetch = 2  # batches prepared ahead by a background thread
+    c.dataset.num_threads = 8  # threads decoding and augmenting examples
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # 'adamw' | 'lars'
@@ -81,9 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
 
-    c.init_from = config_dict.placeholder(str)
+    c.init_from = config_dict.placeholder(str)  # fine-tune / probe / sample start; 'random' = no weights
 
     c.finetune = ml_collections.ConfigDict()
+    c.finetune.crop_scale = (0.08, 1.0)  # RandomResizedCrop area range (timm's default)
     c.finetune.label_smoothing = 0.1
     c.finetune.mixup = 0.8
     c.finetune.cutmix = 1.0

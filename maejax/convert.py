@@ -79,7 +79,16 @@ def key_map(resolved) -> list:
     ]
     for i in range(resolved.encoder.depth):
         entries += _block(f"blocks.{i}", enc + (f"blocks_{i}",), "encoder")
-    if resolved.name == "mae":
+    if resolved.name == "classifier":
+        # Fine-tuned checkpoints (mae_finetuned_vit_*.pth): a learned pos_embed,
+        # fc_norm after average pooling (or the encoder norm with the cls token), a head.
+        entries += [Entry("pos_embed", enc + ("pos_embed",), "same", "encoder")]
+        if resolved.pool == "avg":
+            entries += _norm("fc_norm", ("fc_norm",), "head")
+        else:
+            entries += _norm("norm", enc + ("norm",), "encoder")
+        entries += _linear("head", ("head",), "head")
+    elif resolved.name == "mae":
         entries += _norm("norm", enc + ("norm",), "encoder")
         dec = ("decoder",)
         entries += [Entry("mask_token", dec + ("mask_token",), "same", "decoder")]
@@ -89,12 +98,14 @@ def key_map(resolved) -> list:
         entries += _norm("decoder_norm", dec + ("norm",), "decoder")
         entries += _linear("decoder_pred", dec + ("pred",), "decoder")
     else:
-        raise ConfigError("model.name", resolved.name, "weight conversion supports 'mae'")
+        raise ConfigError("model.name", resolved.name, "weight conversion supports 'mae' and 'classifier'")
     return entries
 
 
 def fixed_tables(resolved) -> dict:
     """The non-trainable sin-cos tables, (1, 1 + L, D) each, under their official names."""
+    if resolved.name == "classifier":
+        return {}  # fine-tuning trains pos_embed: it is a parameter there
     grid = resolved.image_size // resolved.encoder.patch_size
     tables = {"pos_embed": sincos_2d(grid, resolved.encoder.width)[None]}
     if resolved.name == "mae":
@@ -172,7 +183,7 @@ def params_from_torch(state_dict, config_model) -> dict:
     state = {k: _to_numpy(v) for k, v in unwrap_state_dict(state_dict).items()}
     entries = key_map(resolved)
     has_decoder = any(e.torch_key in state for e in entries if e.group == "decoder")
-    if not has_decoder:
+    if not has_decoder and resolved.name == "mae":
         entries = [e for e in entries if e.group != "decoder"]
         logging.warning(
             "The checkpoint has no decoder weights: returning encoder params only. "
@@ -246,6 +257,10 @@ def params_to_torch(params, config_model) -> dict:
     resolved = model_config.resolve(config_model)
     has_decoder = "decoder" in params
     out = {}
+    if resolved.name == "classifier" and "head" not in params:
+        raise WeightsError(
+            "classifier params without a head: convert the pre-training model with its MAE config"
+        )
     for e in key_map(resolved):
         if e.group == "decoder" and not has_decoder:
             continue

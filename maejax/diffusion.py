@@ -53,20 +53,29 @@ def betas_for(name: str, timesteps: int, beta_start=1e-4, beta_end=0.02, rho=0.8
 
 
 class Schedule(NamedTuple):
-    """float32 (T,) tables derived from the betas."""
+    """A noise schedule: float64 NumPy tables, cast to float32 only where used.
 
-    betas: jax.Array
-    alphas_cumprod: jax.Array
+    Every coefficient a sampler needs is computed from these in float64 (for
+    the static timestep pairs of a sampling run), so no float32 cancellation
+    such as 1 - abar near t = 0 degrades them.
+    """
+
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
 
     @property
     def timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def abar(self, t) -> np.ndarray:
+        """float64 abar_t for integer t (NumPy), with abar_{-1} = 1 (the clean data)."""
+        t = np.asarray(t)
+        return np.where(t >= 0, self.alphas_cumprod[np.maximum(t, 0)], 1.0)
+
 
 def make_schedule(name: str, timesteps: int, beta_start=1e-4, beta_end=0.02, rho=0.8) -> Schedule:
     betas = betas_for(name, timesteps, beta_start, beta_end, rho)
-    abar = np.cumprod(1.0 - betas)
-    return Schedule(jnp.asarray(betas, jnp.float32), jnp.asarray(abar, jnp.float32))
+    return Schedule(betas, np.cumprod(1.0 - betas))
 
 
 def schedule_from_config(diffusion_config) -> Schedule:
@@ -79,34 +88,69 @@ def _expand(values, like):
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
-def abar_at(schedule: Schedule, t):
-    """abar_t, with abar_{-1} = 1 (t = -1 stands for the clean data)."""
-    return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
-
-
 def q_sample(schedule: Schedule, x0, t, eps):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per example t (B,)."""
-    abar = _expand(abar_at(schedule, t), x0)
-    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per example t (B,) (traced is fine)."""
+    signal = jnp.asarray(np.sqrt(schedule.alphas_cumprod), jnp.float32)[t]
+    noise = jnp.asarray(np.sqrt(-np.expm1(np.log(schedule.alphas_cumprod))), jnp.float32)[t]
+    return _expand(signal, x0) * x0 + _expand(noise, x0) * eps
 
 
-def posterior(schedule: Schedule, x0, x_t, t, s):
-    """Mean and variance of q(x_s | x_t, x0) for s < t (s = -1: the data itself).
+def posterior_coefficients(schedule: Schedule, t, s):
+    """q(x_s | x_t, x0) = N(c_x0 x0 + c_xt x_t, var) for integer s < t (s = -1: the data).
 
     With a_ts = abar_t / abar_s and b_ts = 1 - a_ts:
-      mean = sqrt(abar_s) b_ts / (1 - abar_t) x0 + sqrt(a_ts) (1 - abar_s) / (1 - abar_t) x_t
-      var  = (1 - abar_s) / (1 - abar_t) b_ts
-    For s = t - 1 this is the usual DDPM posterior.
+      c_x0 = sqrt(abar_s) b_ts / (1 - abar_t),  c_xt = sqrt(a_ts) (1 - abar_s) / (1 - abar_t),
+      var = (1 - abar_s) / (1 - abar_t) b_ts.
+    For s = t - 1 this is the usual DDPM posterior. float64 NumPy.
     """
-    abar_t = _expand(abar_at(schedule, t), x0)
-    abar_s = _expand(abar_at(schedule, s), x0)
-    a_ts = abar_t / abar_s
-    b_ts = 1.0 - a_ts
-    mean = (
-        jnp.sqrt(abar_s) * b_ts / (1.0 - abar_t) * x0 + jnp.sqrt(a_ts) * (1.0 - abar_s) / (1.0 - abar_t) * x_t
-    )
-    var = (1.0 - abar_s) / (1.0 - abar_t) * b_ts
-    return mean, var
+    abar_t, abar_s = schedule.abar(t), schedule.abar(s)
+    one_minus_t = -np.expm1(np.log(abar_t))
+    one_minus_s = -np.expm1(np.log(abar_s))
+    b_ts = -np.expm1(np.log(abar_t) - np.log(abar_s))  # 1 - abar_t / abar_s without cancellation
+    c_x0 = np.sqrt(abar_s) * b_ts / one_minus_t
+    c_xt = np.sqrt(abar_t / abar_s) * one_minus_s / one_minus_t
+    return c_x0, c_xt, one_minus_s / one_minus_t * b_ts
+
+
+def posterior(schedule: Schedule, x0, x_t, t: int, s: int):
+    """Mean and variance of q(x_s | x_t, x0) for integer timesteps s < t."""
+    c_x0, c_xt, var = posterior_coefficients(schedule, t, s)
+    return float(c_x0) * x0 + float(c_xt) * x_t, float(var)
+
+
+def step_coefficients(sampler: str, schedule: Schedule, t, s, eta: float = 0.0) -> np.ndarray:
+    """(..., 3) float64 [A, B, C] of one move x_s = A x0_pred + B x_t + C z, z ~ N(0, I).
+
+    - ddpm:    the posterior q(x_s | x_t, x0_pred);
+    - ddim:    sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps_pred + sigma z, with
+               eps_pred = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) and
+               sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s);
+    - renoise: q(x_s | x0_pred), fresh noise;
+    and at the end (s = -1) every sampler returns x0_pred: [1, 0, 0].
+    """
+    t, s = np.asarray(t), np.asarray(s)
+    abar_t, abar_s = schedule.abar(t), schedule.abar(s)
+    one_minus_t, one_minus_s = -np.expm1(np.log(abar_t)), -np.expm1(np.log(abar_s))
+    if sampler == "ddpm":
+        c_x0, c_xt, var = posterior_coefficients(schedule, t, s)
+        coef = np.stack([c_x0, c_xt, np.sqrt(var)], axis=-1)
+    elif sampler == "ddim":
+        b_ts = -np.expm1(np.log(abar_t) - np.log(abar_s))
+        sigma = eta * np.sqrt(one_minus_s / one_minus_t * b_ts)
+        direction = np.sqrt(np.maximum(one_minus_s - sigma**2, 0.0))
+        eps_xt, eps_x0 = 1.0 / np.sqrt(one_minus_t), -np.sqrt(abar_t / one_minus_t)
+        coef = np.stack([np.sqrt(abar_s) + direction * eps_x0, direction * eps_xt, sigma], axis=-1)
+    elif sampler == "renoise":
+        coef = np.stack([np.sqrt(abar_s), np.zeros_like(abar_s), np.sqrt(one_minus_s)], axis=-1)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
+    return np.where((s < 0)[..., None], np.array([1.0, 0.0, 0.0]), coef)
+
+
+def apply_step(coef, x_t, x0, key):
+    """x_s = A x0 + B x_t + C z for one step's (3,) float32 coefficients."""
+    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+    return coef[0] * x0 + coef[1] * x_t + coef[2] * noise
 
 
 def timestep_sequence(timesteps: int, steps: int) -> np.ndarray:
@@ -114,28 +158,6 @@ def timestep_sequence(timesteps: int, steps: int) -> np.ndarray:
     if not 1 <= steps <= timesteps:
         raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
     return np.unique(np.round(np.linspace(0, timesteps - 1, steps)).astype(np.int32))[::-1].copy()
-
-
-def _step(sampler: str, schedule: Schedule, x_t, x0, t, s, key, eta: float):
-    """One move from timestep t to s < t (s = -1 at the end) given the x0 prediction."""
-    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
-    last = s < 0
-    if sampler == "ddpm":
-        mean, var = posterior(schedule, x0, x_t, t, s)
-        nxt = mean + jnp.sqrt(var) * noise
-    elif sampler == "ddim":
-        abar_t = _expand(abar_at(schedule, t), x0)
-        abar_s = _expand(abar_at(schedule, s), x0)
-        eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
-        sigma = eta * jnp.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))
-        direction = jnp.sqrt(jnp.maximum(1.0 - abar_s - sigma**2, 0.0)) * eps
-        nxt = jnp.sqrt(abar_s) * x0 + direction + sigma * noise
-    elif sampler == "renoise":
-        nxt = q_sample(schedule, x0, s, noise)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
-    # The end: return the x0 prediction itself, with no noise.
-    return jnp.where(_expand(last, x0), x0, nxt)
 
 
 def sample(
@@ -157,20 +179,18 @@ def sample(
     Returns:
       x0 (shape,), or (x0, trajectory).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
     ts = timestep_sequence(schedule.timesteps, steps)
     nexts = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    coefs = jnp.asarray(step_coefficients(sampler, schedule, ts, nexts, eta), jnp.float32)
     batch = shape[0]
     x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
 
     def body(x_t, xs):
-        index, t, s = xs
-        t_b, s_b = jnp.full((batch,), t, jnp.int32), jnp.full((batch,), s, jnp.int32)
-        x0 = denoise(x_t, t_b)
-        x_next = _step(sampler, schedule, x_t, x0, t_b, s_b, jax.random.fold_in(key, index + 1), eta)
+        index, t, coef = xs
+        x0 = denoise(x_t, jnp.full((batch,), t, jnp.int32))
+        x_next = apply_step(coef, x_t, x0, jax.random.fold_in(key, index + 1))
         return x_next, (x0 if return_trajectory else None)
 
-    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(nexts))
+    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), coefs)
     x0, trajectory = jax.lax.scan(body, x_T, xs)
     return (x0, trajectory) if return_trajectory else x0

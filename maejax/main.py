@@ -78,10 +78,14 @@ def main(argv) -> None:
         from maejax import train
 
         train.train_and_evaluate(config, workdir)
-    else:
-        from maejax.errors import ConfigError
+    elif config.task in ("finetune", "linprobe"):
+        from maejax import finetune
 
-        raise ConfigError("task", config.task, "this build runs 'pretrain'")
+        finetune.train_and_evaluate(config, workdir)
+    else:
+        from maejax import sample
+
+        sample.run(config, workdir)
 
 
 if __name__ == "__main__":

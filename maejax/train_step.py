@@ -28,7 +28,7 @@ def init_state(model, tx, key, image_shape) -> dict:
 
 def step_rngs(key) -> dict:
     """The model's rng streams for one (micro-)step."""
-    return {"masking": jax.random.fold_in(key, 0), "dropout": jax.random.fold_in(key, 1)}
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(("masking", "dropout", "diffusion"))}
 
 
 def split_micro_batches(tree, num: int):

@@ -120,6 +120,7 @@ def validate_dataset(config) -> None:
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError("dataset.crop_scale", scale, "two numbers (low, high) with 0 < low <= high <= 1")
     _int(config, "dataset.prefetch")
+    _int(config, "dataset.num_threads")
     if ds.name == "image_folder" and not (ds.manual_dir and os.path.isdir(ds.manual_dir)):
         raise ConfigError(
             "dataset.manual_dir",
@@ -147,8 +148,24 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
     validate_optimizer(config)
     validate_dataset(config)
     sharding.mesh_shape(config.mesh, num_devices)
-    if config.task in ("finetune", "linprobe") and not config.init_from:
-        raise ConfigError("init_from", config.init_from, f"task '{config.task}' needs a pre-training workdir")
+    if config.task in ("finetune", "linprobe"):
+        if not config.init_from:
+            raise ConfigError(
+                "init_from",
+                config.init_from,
+                f"task '{config.task}' needs a pre-training workdir, a maejax.convert output, or 'random'",
+            )
+        if config.init_from != "random" and not os.path.isdir(config.init_from):
+            raise ConfigError("init_from", config.init_from, "an existing maejax workdir, or 'random'")
+        scale = tuple(config.finetune.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(
+                "finetune.crop_scale", scale, "two numbers (low, high) with 0 < low <= high <= 1"
+            )
+        _number(config, "finetune.label_smoothing", 0, 1, high_open=True)
+        _number(config, "finetune.mixup", 0, None)
+        _number(config, "finetune.cutmix", 0, None)
+        _number(config, "finetune.reprob", 0, 1)
     if config.task == "sample":
         _choice(config, "sample.sampler", SAMPLERS)
         _int(config, "sample.steps")

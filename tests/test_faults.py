@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maejax import checkpoint, train, validate
+from maejax import checkpoint, loop, train, validate
 from maejax.errors import ConfigError, UserError
 from tests.conftest import REPO, cli_overrides, set_fields, tiny_config
 
@@ -84,7 +84,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     config.optimizer.blr = 1e9  # diverges within a few steps
     config.optimizer.warmup_steps = 0
     with pytest.raises(
-        train.TrainingDiverged, match=r"non-finite loss/gradients at step \d+.*optimizer.grad_clip"
+        loop.TrainingDiverged, match=r"non-finite loss/gradients at step \d+.*optimizer.grad_clip"
     ) as e:
         train.train_and_evaluate(config, str(tmp_path))
     bad_step = int(str(e.value).split("at step ")[1].split()[0])

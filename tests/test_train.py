@@ -75,6 +75,8 @@ def test_loss_falls_over_100_steps_on_real_data(pretrained_workdir):
 )
 def test_every_config_loads_and_validates(path):
     config = load_config_file(path)
+    if config.task in ("finetune", "linprobe"):
+        config.init_from = "random"  # what their docstring commands pass as a workdir
     assert config.task in ("pretrain", "finetune", "linprobe", "sample")
     resolved = validate.validate(config, num_devices=1, num_processes=1)
     assert resolved.encoder.width > 0

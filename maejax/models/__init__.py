@@ -8,10 +8,12 @@ the training loops, the input pipeline, sharding or checkpointing.
 import jax.numpy as jnp
 
 from maejax.models import model_config
+from maejax.models.classifier import Classifier
+from maejax.models.diffmae import DiffMAE
 from maejax.models.mae import MAE
 from maejax.models.model_config import decoder_spec, encoder_spec, resolve
 
-__all__ = ["MAE", "build_model", "resolve"]
+__all__ = ["MAE", "DiffMAE", "Classifier", "build_model", "resolve"]
 
 
 def compute_dtype(resolved):
@@ -40,4 +42,31 @@ def build_model(config_model):
             norm_pix_loss=cfg.norm_pix_loss,
             **common,
         )
-    raise model_config.ConfigError("model.name", cfg.name, "this build supports 'mae'")
+    if cfg.name == "diffmae":
+        d = cfg.diffusion
+        return DiffMAE(
+            encoder_spec(cfg),
+            decoder_spec(cfg),
+            in_channels=cfg.in_channels,
+            mask_ratio=cfg.mask_ratio,
+            norm_pix_loss=cfg.norm_pix_loss,
+            variant=cfg.decoder.variant,
+            adaln=cfg.decoder.adaln,
+            time_embed_dim=cfg.decoder.time_embed_dim,
+            schedule_name=d.schedule,
+            timesteps=d.timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            rho=d.rho,
+            **common,
+        )
+    if cfg.name == "classifier":
+        return Classifier(
+            encoder_spec(cfg),
+            num_classes=cfg.num_classes,
+            pool=cfg.pool,
+            drop_path=cfg.drop_path,
+            head_init_std=cfg.head_init_std,
+            **common,
+        )
+    raise model_config.ConfigError("model.name", cfg.name, f"one of {list(model_config.MODEL_NAMES)}")

@@ -154,6 +154,11 @@ class MAE(nn.Module):
         loss = reconstruction_loss(pred, target, m.mask)
         return {"loss": loss, "pred": pred, "mask": m.mask, "ids_restore": m.ids_restore, "latent": latent}
 
+    def reconstruct(self, images, noise):
+        """{"pred", "mask"} for pictures: the forward pass without drop path."""
+        out = self(images, noise=noise, train=False)
+        return {"pred": out["pred"], "mask": out["mask"]}
+
     def features(self, images, pool: str = "cls"):
         """(B, D) features of unmasked images from the frozen encoder (kNN, probes).
 

@@ -43,11 +43,13 @@ class Masking(NamedTuple):
     ids_keep: (B, Lk) indices of the visible patches, in shuffled order.
     ids_restore: (B, L) undoes the shuffle (visible first, then masked).
     mask: (B, L) float, 1 = masked, in original patch order.
+    ids_mask: (B, L - Lk) indices of the masked patches, in shuffled order.
     """
 
     ids_keep: jax.Array
     ids_restore: jax.Array
     mask: jax.Array
+    ids_mask: jax.Array
 
 
 def masking_from_noise(noise, len_keep: int) -> Masking:
@@ -63,7 +65,7 @@ def masking_from_noise(noise, len_keep: int) -> Masking:
     ids_restore = jnp.argsort(ids_shuffle, axis=1)
     shuffled_mask = (jnp.arange(length) >= len_keep).astype(jnp.float32)
     mask = jnp.take_along_axis(jnp.broadcast_to(shuffled_mask, noise.shape), ids_restore, axis=1)
-    return Masking(ids_shuffle[:, :len_keep], ids_restore, mask)
+    return Masking(ids_shuffle[:, :len_keep], ids_restore, mask, ids_shuffle[:, len_keep:])
 
 
 def random_masking(rng, batch: int, num_patches: int, mask_ratio: float) -> Masking:

@@ -232,12 +232,15 @@ class Encoder(nn.Module):
       drop_path: the last block's stochastic-depth rate (linear from 0, as timm).
       learned_pos: keep the position table as a trainable `pos_embed` param,
         initialised to the sin-cos table (official fine-tuning does this).
+      final_norm: end with LayerNorm `norm` (off for the average-pooling
+        classifier, which normalises the pooled feature instead).
     """
 
     spec: ViTSpec
     image_size: int
     drop_path: float = 0.0
     learned_pos: bool = False
+    final_norm: bool = True
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
@@ -292,5 +295,6 @@ class Encoder(nn.Module):
                 name=f"blocks_{i}",
             )(x)
             outputs.append(x)
-        x = layer_norm("norm", self.dtype)(x)
+        if self.final_norm:
+            x = layer_norm("norm", self.dtype)(x)
         return (x, outputs) if return_blocks else x

@@ -1,0 +1,16 @@
+"""Linear probing on Fashion-MNIST, CPU-sized, from a *_fmnist pre-training.
+
+    python -m maejax.main --config=configs/linprobe_fmnist.py --workdir=workdirs/linprobe_fmnist \
+        --config.init_from=workdirs/mae_fmnist
+
+init_from: workdirs/mae_fmnist (make demo), workdirs/diffmae_fmnist, or
+'random' for the from-scratch baseline. 470 steps of batch 256 (2 epochs),
+evaluated on the 10,000 test images (maejax.recipes.fmnist_classifier).
+"""
+
+from maejax.recipes import fmnist_classifier
+
+
+def get_config(arg=None):
+    del arg
+    return fmnist_classifier("linprobe")

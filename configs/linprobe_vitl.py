@@ -1,0 +1,15 @@
+"""Linear probing of a pre-trained MAE ViT-L/16 on ImageNet-1k: the official recipe.
+
+    python -m maejax.main --config=configs/linprobe_vitl.py --workdir=workdirs/linprobe_vitl \
+        --config.init_from=workdirs/mae_vitl --config.dataset.data_dir=$TFDS_DATA_DIR
+
+init_from: a pre-training workdir (its newest checkpoint) or a maejax.convert
+output of the official weights (maejax.recipes.linprobe_imagenet).
+"""
+
+from maejax.recipes import linprobe_imagenet
+
+
+def get_config(arg=None):
+    del arg
+    return linprobe_imagenet("L/16")

@@ -1,0 +1,343 @@
+"""Fine-tuning and linear probing: `train_and_evaluate(config, workdir)` for
+config.task 'finetune' or 'linprobe'.
+
+Both start from `config.init_from`: a pre-training workdir (its newest
+checkpoint's encoder), a `maejax.convert` output, or 'random' (a randomly
+initialised encoder, the from-scratch baseline).
+
+- finetune: the whole classifier trains with AdamW (0.9, 0.999), layer-wise lr
+  decay, weight decay except on biases, norms, pos_embed and cls_token, label
+  smoothing, mixup/cutmix, RandAugment and random erasing (FINETUNE.md).
+- linprobe: the encoder is frozen; a BatchNorm (no affine) + Linear head
+  trains with LARS on the cls feature (main_linprobe).
+
+Evaluation covers the whole eval split once (padded, across processes) and
+logs `eval_top1`, `eval_top5` as fractions to metrics.jsonl.
+"""
+
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from maejax import augment, checkpoint, data_sources, input_pipeline, loop, models, optim, preprocess, writers
+from maejax import config as config_lib
+from maejax import sharding as sharding_lib
+from maejax import validate as validate_lib
+from maejax.errors import ConfigError, UserError
+from maejax.models.classifier import interpolate_pos_embed
+
+RANDOM_INIT = "random"
+
+
+# --- pre-trained weights -------------------------------------------------------
+
+
+def pretrained_encoder(init_from: str):
+    """The encoder params of a pre-training workdir / convert output, and what was loaded."""
+    params, loaded = checkpoint.load_params(init_from)
+    if "encoder" not in params:
+        raise UserError(f"{loaded} has no encoder params (top-level keys: {sorted(params)})")
+    return params["encoder"], loaded
+
+
+def load_encoder(params: dict, encoder: dict, grid_size: int) -> dict:
+    """`params` with its encoder replaced by `encoder` (shapes checked; pos table adapted).
+
+    A pre-training encoder has no `pos_embed` param (its table is fixed) and a
+    final `norm` the average-pooling classifier does not use: the classifier
+    keeps its own sin-cos-initialised `pos_embed`, and the extra norm is dropped
+    (as the official fine-tuning does). A learned `pos_embed` of another grid
+    is interpolated.
+    """
+    target = flax.core.unfreeze(params["encoder"])
+    merged = {}
+    for name, value in target.items():
+        if name == "pos_embed" and "pos_embed" in encoder:
+            merged[name] = interpolate_pos_embed(encoder["pos_embed"], grid_size)
+        elif name in encoder:
+            merged[name] = encoder[name]
+        else:
+            merged[name] = value
+        got = jax.tree.map(np.shape, merged[name])
+        want = jax.tree.map(np.shape, value)
+        if got != want:
+            raise UserError(f"pre-trained encoder tensor {name!r} has shapes {got}, the config needs {want}")
+    missing = sorted(set(target) - set(encoder) - {"pos_embed"})
+    if missing:
+        raise UserError(f"pre-trained encoder lacks {missing}: is model.encoder the pre-training's size?")
+    return {**params, "encoder": merged}
+
+
+# --- the step -----------------------------------------------------------------
+
+
+def split_trainable(params: dict, probe: bool):
+    """(trainable, frozen): the head alone trains in a linear probe."""
+    if not probe:
+        return params, {}
+    return {"head": params["head"]}, {k: v for k, v in params.items() if k != "head"}
+
+
+def make_step(model, tx, schedule, base_key, probe: bool, grad_accum_steps: int):
+    """(state, batch{image, target}) -> (state, metrics); state {step, params, frozen, batch_stats, opt}."""
+
+    def loss_fn(trainable, frozen, batch_stats, images, targets, key):
+        variables = {"params": {**frozen, **trainable}}
+        if probe:
+            variables["batch_stats"] = batch_stats
+            logits, updates = model.apply(
+                variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            )
+            batch_stats = updates["batch_stats"]
+        else:
+            logits = model.apply(variables, images, train=True, rngs={"dropout": key})
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, batch_stats
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state, batch):
+        params, frozen, stats, step = state["params"], state["frozen"], state["batch_stats"], state["step"]
+        key = jax.random.fold_in(base_key, step)
+        if grad_accum_steps == 1:
+            (loss, stats), grads = grad_fn(params, frozen, stats, batch["image"], batch["target"], key)
+        else:
+            from maejax.train_step import split_micro_batches
+
+            micro = split_micro_batches(batch, grad_accum_steps)
+
+            def body(carry, xs):
+                total, grads_sum, stats = carry
+                index, mb = xs
+                (loss, stats), grads = grad_fn(
+                    params, frozen, stats, mb["image"], mb["target"], jax.random.fold_in(key, index)
+                )
+                return (total + loss, jax.tree.map(jnp.add, grads_sum, grads), stats), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), stats)
+            (loss, grads, stats), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+            loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
+        updates, opt = tx.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss,
+            "lr": schedule(step),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+        }
+        new_state = {"step": step + 1, "params": params, "frozen": frozen, "batch_stats": stats, "opt": opt}
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(model):
+    """(state, batch{image, label, valid}) -> {correct1, correct5, count} sums over the batch."""
+
+    def eval_step(state, batch):
+        variables = {"params": {**state["frozen"], **state["params"]}}
+        if state["batch_stats"]:
+            variables["batch_stats"] = state["batch_stats"]
+        logits = model.apply(variables, batch["image"], train=False)
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        hits = top5 == batch["label"][:, None]
+        valid = batch["valid"]
+        return {
+            "correct1": jnp.sum(hits[:, 0] * valid),
+            "correct5": jnp.sum(hits.any(axis=1) * valid),
+            "count": jnp.sum(valid),
+        }
+
+    return eval_step
+
+
+# --- input ----------------------------------------------------------------------
+
+
+def train_transform(config, size: int, channels: int, probe: bool):
+    """RandomResizedCrop + flip (+ RandAugment and random erasing when fine-tuning) + normalise."""
+    mean, std = data_sources.normalization(config.dataset, channels)
+    ft = config.finetune
+    scale = tuple(ft.crop_scale)
+
+    def transform(rng, image):
+        image = preprocess.random_resized_crop(rng, image, size, scale)
+        if rng.uniform() < 0.5:
+            image = image[:, ::-1]
+        if not probe and ft.randaug_ops > 0:
+            img = augment.rand_augment(
+                rng,
+                preprocess.to_pil(np.ascontiguousarray(image)),
+                ft.randaug_ops,
+                ft.randaug_magnitude,
+                ft.randaug_mstd,
+            )
+            image = preprocess.from_pil(img, channels)
+        image = preprocess.normalize(image, mean, std)
+        return image if probe else augment.random_erasing(rng, image, ft.reprob)
+
+    return transform
+
+
+def batch_maker(config, num_classes: int, probe: bool):
+    """Host-local loader batch -> {image, target}: mixup/cutmix and smoothed soft targets."""
+    ft = config.finetune
+    counter = {"batch": 0}
+
+    def make(batch):
+        rng = np.random.default_rng((config.seed, counter["batch"], jax.process_index(), 0x313))
+        counter["batch"] += 1
+        if probe:
+            return {
+                "image": batch["image"],
+                "target": augment.one_hot_smoothed(batch["label"], num_classes, 0.0),
+            }
+        images, targets, _ = augment.mix_batch(
+            rng,
+            batch["image"],
+            batch["label"],
+            num_classes,
+            mixup=ft.mixup,
+            cutmix=ft.cutmix,
+            prob=ft.mixup_prob,
+            switch_prob=ft.mixup_switch_prob,
+            smoothing=ft.label_smoothing,
+        )
+        return {"image": images, "target": targets}
+
+    return make, counter
+
+
+# --- the task -------------------------------------------------------------------
+
+
+def evaluate_split(eval_fn, state, source, transform, batch_size, batch_sharding) -> dict:
+    totals = {"correct1": 0.0, "correct5": 0.0, "count": 0.0}
+    for batch in input_pipeline.eval_batches(
+        source, transform, batch_size, jax.process_index(), jax.process_count()
+    ):
+        sums = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, batch_sharding)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    return {
+        "eval_top1": totals["correct1"] / totals["count"],
+        "eval_top5": totals["correct5"] / totals["count"],
+    }
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Fine-tune or linear-probe (config.task) from config.init_from; resumable like pre-training."""
+    # --- validation ---------------------------------------------------------------
+    resolved = validate_lib.validate(config, jax.device_count(), jax.process_count())
+    if resolved.name != "classifier":
+        raise ConfigError("model.name", resolved.name, f"task '{config.task}' needs 'classifier'")
+    probe = config.task == "linprobe"
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        config_lib.write_config_json(config_lib.with_resolved_model(config), workdir)
+
+    # --- input ----------------------------------------------------------------------
+    channels, size = resolved.in_channels, resolved.image_size
+    train_source = data_sources.get_source(config.dataset, config.dataset.train_split, channels)
+    eval_source = data_sources.get_source(config.dataset, config.dataset.eval_split, channels)
+    if train_source.num_classes != resolved.num_classes:
+        raise ConfigError(
+            "model.num_classes",
+            resolved.num_classes,
+            f"{config.dataset.name} has {train_source.num_classes} classes",
+        )
+    total_steps = config_lib.total_steps(config, len(train_source))
+
+    # --- model, weights and optimizer --------------------------------------------------
+    model = models.build_model(resolved).clone(probe=probe)
+    base_key = jax.random.key(config.seed)
+    image_shape = (config.batch_size, size, size, channels)
+    encoder, loaded = (None, "random initialisation")
+    if config.init_from != RANDOM_INIT:
+        encoder, loaded = pretrained_encoder(config.init_from)
+
+    def init_variables():
+        variables = model.init({"params": base_key, "dropout": base_key}, jnp.zeros(image_shape), train=False)
+        params = variables["params"]
+        if encoder is not None:
+            params = load_encoder(params, encoder, size // resolved.encoder.patch_size)
+        return params, variables.get("batch_stats", {})
+
+    abstract_params, _ = jax.eval_shape(init_variables)
+    trainable_shapes, _ = split_trainable(abstract_params, probe)
+    tx, schedule = optim.build_optimizer(
+        config, trainable_shapes, len(train_source), depth=resolved.encoder.depth
+    )
+
+    def init():
+        params, stats = init_variables()
+        trainable, frozen = split_trainable(params, probe)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": trainable,
+            "frozen": frozen,
+            "batch_stats": stats,
+            "opt": tx.init(trainable),
+        }
+
+    # --- mesh, shard and checkpoint ----------------------------------------------------
+    abstract_state = jax.eval_shape(init)
+    mesh, batch_sharding, state_shardings = loop.mesh_and_shardings(config, abstract_state)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    start_step, state, position, restored = loop.restore_or_init(ckpt, abstract_state, state_shardings, init)
+    writer = writers.Writer(workdir, enabled=is_main)
+    writer.truncate_after(start_step)
+    if is_main:
+        print(f"{config.task} from {loaded}", flush=True)
+
+    # --- update and eval ---------------------------------------------------------------
+    step_fn = jax.jit(
+        make_step(model, tx, schedule, base_key, probe, config.grad_accum_steps),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        make_eval_step(model),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
+    eval_transform = input_pipeline.eval_transform(
+        config.dataset, size, channels, config.finetune.eval_resize_ratio
+    )
+    loader = input_pipeline.TrainLoader(
+        train_source,
+        train_transform(config, size, channels, probe),
+        seed=config.seed,
+        batch_size=config.batch_size,
+        start_batch=int(position["next_batch"]),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=config.dataset.prefetch,
+        num_threads=config.dataset.num_threads,
+    )
+    make_batch, counter = batch_maker(config, resolved.num_classes, probe)
+    counter["batch"] = loader.position
+
+    def run_eval(step, state):
+        return evaluate_split(eval_fn, state, eval_source, eval_transform, config.batch_size, batch_sharding)
+
+    return loop.run(
+        config=config,
+        workdir=workdir,
+        state=state,
+        step_fn=step_fn,
+        loader=loader,
+        batch_sharding=batch_sharding,
+        make_batch=make_batch,
+        ckpt=ckpt,
+        writer=writer,
+        total_steps=total_steps,
+        start_step=start_step,
+        restored=restored,
+        hooks=[loop.Hook(config.eval_every_steps, run_eval)],
+    )

@@ -1,0 +1,170 @@
+"""The step loop every training task shares: resume, step, log, hooks, checkpoint, preempt.
+
+Pre-training (train.py) and fine-tuning / linear probing (finetune.py) build
+their state, step function and input, then hand them to `run`.
+"""
+
+import dataclasses
+import math
+import os
+import signal
+from collections.abc import Callable
+
+import jax
+
+from maejax import checkpoint, input_pipeline, sharding, writers
+from maejax.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (and a first Ctrl-C) into a flag the loop checks once per step.
+
+    The loop then saves a checkpoint at the current step and exits cleanly; a
+    second Ctrl-C interrupts at once. With several processes JAX's own
+    preemption service takes SIGTERM instead and makes every process agree on
+    the step to save at (`reached_preemption`), so no Python handler is set.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer, single_process: bool):
+        self.requested = False
+        self._checkpointer = checkpointer
+        self._single_process = single_process
+        self._previous = {}
+
+    def reached(self, step: int) -> bool:
+        return self.requested or self._checkpointer.manager.reached_preemption(step)
+
+    def __enter__(self):
+        for sig in self.SIGNALS if self._single_process else ():
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (some notebook runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def check_finite(metrics: dict, step: int, last_checkpoint) -> None:
+    if not all(math.isfinite(float(v)) for v in metrics.values()):
+        kept = (
+            f"the last good checkpoint (step {last_checkpoint}) is kept"
+            if last_checkpoint
+            else "no checkpoint"
+        )
+        raise TrainingDiverged(
+            f"non-finite loss/gradients at step {step} ({metrics}); {kept}. Try a lower optimizer.blr, "
+            "optimizer.grad_clip=1.0, more optimizer.warmup_steps, or model.dtype='float32'"
+        )
+
+
+@dataclasses.dataclass
+class Hook:
+    """Runs `fn(step, state)` every `every` steps and at the end; scalars it returns are logged."""
+
+    every: int | None
+    fn: Callable
+
+    def due(self, step: int, final: bool) -> bool:
+        return final or (self.every is not None and step % self.every == 0)
+
+
+def restore_or_init(ckpt, abstract_state, state_shardings, init_fn):
+    """(start_step, state, position, restored?) from the newest checkpoint, or a fresh state."""
+    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings))
+    if restored:
+        start_step, state, position = restored
+        return start_step, state, position, True
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    return 0, state, {"next_batch": 0}, False
+
+
+def run(
+    *,
+    config,
+    workdir: str,
+    state,
+    step_fn,
+    loader,
+    batch_sharding,
+    make_batch: Callable,
+    ckpt,
+    writer,
+    total_steps: int,
+    start_step: int,
+    restored: bool,
+    hooks: list,
+):
+    """Train from `start_step` to `total_steps`; returns the last logged metrics.
+
+    make_batch: host-local loader output -> dict of host arrays for step_fn.
+    """
+    is_main = jax.process_index() == 0
+    progress = writers.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
+    resumed = f"resuming at step {start_step} (input batch {loader.position})" if restored else "from scratch"
+    progress.print(f"training {total_steps} steps, {resumed}; workdir {os.path.abspath(workdir)}")
+    last_saved = ckpt.all_steps()[-1] if ckpt.all_steps() else None
+    last, step = {}, start_step
+    with PreemptionWatcher(ckpt, jax.process_count() == 1) as preemption:
+        try:
+            while step < total_steps:
+                batch = input_pipeline.to_global(make_batch(next(loader)), batch_sharding)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                final = step == total_steps
+                if step % config.log_every_steps == 0 or final:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(metrics, step, last_saved)
+                    metrics["img_per_s"] = progress.images_per_second(step)
+                    writer.write_scalars(step, metrics)
+                    progress.print(progress.line(step, metrics, metrics["img_per_s"]))
+                    last = {"step": step, **metrics}
+                for hook in hooks:
+                    if hook.due(step, final):
+                        extra = hook.fn(step, state)
+                        if extra:
+                            writer.write_scalars(step, extra)
+                            progress.print(
+                                f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in extra.items())
+                            )
+                            last.update(extra)
+                preempted = preemption.reached(step)
+                if step % config.checkpoint_every_steps == 0 or final or preempted:
+                    check_finite(
+                        {"param_norm": float(jax.device_get(metrics["param_norm"]))}, step, last_saved
+                    )
+                    ckpt.save(step, state, {"next_batch": loader.position})
+                    last_saved = step
+                if preempted and not final:
+                    progress.print(f"preemption requested: saved step {step}; run the same command to resume")
+                    break
+        finally:
+            loader.close()
+            ckpt.close()
+            writer.close()
+    if step == total_steps:
+        progress.print(
+            f"done: {step} steps. metrics {writer.metrics_path}; images "
+            f"{os.path.join(workdir, writers.IMAGES_DIR)}; checkpoints {ckpt.directory}"
+        )
+    return last
+
+
+def mesh_and_shardings(config, abstract_state):
+    mesh = sharding.make_mesh(config.mesh)
+    return mesh, sharding.batch_sharding(mesh), sharding.tree_shardings(abstract_state, mesh)

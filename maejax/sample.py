@@ -1,0 +1,216 @@
+"""The sample task: inpaint held-out images with a trained DiffMAE.
+
+    python -m maejax.main --config=configs/diffmae_fmnist.py --workdir=DIR --config.task=sample \
+        [--config.compare_mae_from=MAE_WORKDIR] [--config.sample.sampler=ddim --config.sample.steps=20]
+
+Restores the newest checkpoint in DIR (or `config.init_from`), masks
+`sample.num_images` held-out images (random masks at `sample.mask_ratio`, a
+centred block covering about that fraction, or masks from a .npy file of
+(L,) or (N, L) 0/1 rows), and draws `sample.num_samples` samples per image.
+The encoder runs once per image; only the decoder runs per sampling step.
+Writes DIR/images/inpaint_<mask>_<sampler><steps>.png and DIR/sample_metrics.json.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maejax import (
+    checkpoint,
+    data_sources,
+    diffusion,
+    evaluate,
+    input_pipeline,
+    models,
+    preprocess,
+    visualize,
+    writers,
+)
+from maejax import config as config_lib
+from maejax import validate as validate_lib
+from maejax.errors import ConfigError, UserError
+from maejax.models import masking
+
+TRAJECTORY_SNAPSHOTS = 5
+
+
+def make_masks(sample_config, num_images: int, grid: int, seed: int) -> np.ndarray:
+    """(N, L) float32 masks (1 = masked), every row hiding the same number of patches."""
+    num_patches = grid * grid
+    kind = sample_config.mask
+    if kind == "random":
+        masked = num_patches - masking.num_visible(num_patches, sample_config.mask_ratio)
+        rng = np.random.default_rng((seed, 0xA5C))
+        masks = np.zeros((num_images, num_patches), np.float32)
+        for row in masks:
+            row[rng.permutation(num_patches)[:masked]] = 1.0
+        return masks
+    if kind == "center":
+        block = int(np.clip(round(grid * np.sqrt(sample_config.mask_ratio)), 1, grid - 1))
+        return np.tile(masking.center_block_mask(grid, block), (num_images, 1))
+    if not os.path.exists(kind):
+        raise ConfigError(
+            "sample.mask", kind, "'random', 'center' or a .npy file of (L,) or (N, L) 0/1 masks"
+        )
+    masks = np.load(kind).astype(np.float32)
+    masks = np.tile(masks, (num_images, 1)) if masks.ndim == 1 else masks[:num_images]
+    if masks.shape != (num_images, num_patches) or not np.isin(masks, (0.0, 1.0)).all():
+        raise ConfigError(
+            "sample.mask", kind, f"a 0/1 array of shape ({num_patches},) or ({num_images}, {num_patches})"
+        )
+    counts = set(masks.sum(axis=1).astype(int))
+    if len(counts) != 1 or counts.pop() in (0, num_patches):
+        raise ConfigError(
+            "sample.mask", kind, "every row must hide the same number of patches, at least one and not all"
+        )
+    return masks
+
+
+def with_mask_count(model, masked: int):
+    """The model with a mask ratio that hides exactly `masked` patches."""
+    return model.clone(mask_ratio=(masked - 0.5) / model.num_patches)
+
+
+def inpaint_fn(model, sampler: str, steps: int, eta: float, num_samples: int):
+    """jit (params, images, noise, key) -> masked-patch predictions of every kind.
+
+    Returns a dict with (N, Lm, P) `t_T` (the one-step prediction from pure
+    noise at t = T-1), (S, N, Lm, P) `samples`, (steps, N, Lm, P) `trajectory`
+    of sample 0, and (N, L) `mask`, `ids_restore` plus what `assemble` needs.
+    """
+    schedule = model.schedule
+
+    @jax.jit
+    def run(params, images, noise, key):
+        encoded = model.apply({"params": params}, images, noise, method=model.encode)
+
+        def denoise(x_t, t):
+            return model.apply({"params": params}, encoded, x_t, t, method=model.denoise)
+
+        shape = (images.shape[0], model.num_patches - model.num_visible, model.patch_dim)
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), shape)
+        t_T = denoise(x_T, jnp.full((shape[0],), schedule.timesteps - 1, jnp.int32))
+
+        def one(sample_key):
+            return diffusion.sample(
+                denoise,
+                schedule,
+                shape,
+                sample_key,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                return_trajectory=True,
+            )
+
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i + 1))(jnp.arange(num_samples))
+        samples, trajectories = jax.vmap(one)(keys)
+        return {"encoded": encoded, "t_T": t_T, "samples": samples, "trajectory": trajectories[0]}
+
+    return run
+
+
+def _pixels(model, params, encoded, masked_patches, mean, std):
+    """Masked-patch predictions -> complete images in [0, 1] (visible pixels true)."""
+    full = model.apply({"params": params}, encoded, masked_patches, method=model.assemble)
+    images = masking.unpatchify(np.asarray(full), model.patch_size, model.in_channels)
+    return preprocess.denormalize(images, mean, std)
+
+
+def mae_prediction(workdir: str, images, noise, mean, std):
+    """MAE's reconstruction (visible pixels pasted in) of the same images under the same masks."""
+    mae_config = config_lib.read_config_json(workdir)
+    if mae_config.model.name != "mae":
+        raise ConfigError(
+            "compare_mae_from", workdir, f"an MAE workdir (its model is {mae_config.model.name!r})"
+        )
+    mae = models.build_model(mae_config.model)
+    params, _ = checkpoint.load_params(workdir)
+    masked = int(np.asarray(noise >= 1.0).sum(axis=1)[0])
+    mae = with_mask_count(mae, masked)
+    out = jax.jit(lambda p: mae.apply({"params": p}, images, noise, method=mae.reconstruct))(params)
+    recon = visualize.predicted_images(out["pred"], images, mae.patch_size, mae.norm_pix_loss)
+    pixel_mask = masking.patch_mask_to_pixels(out["mask"], mae.patch_size, images.shape[-1])
+    return preprocess.denormalize(np.asarray(images * (1 - pixel_mask) + recon * pixel_mask), mean, std)
+
+
+def run(config, workdir: str) -> dict:
+    """The sample task; returns the metrics it wrote to WORKDIR/sample_metrics.json."""
+    resolved = validate_lib.validate(config, jax.device_count(), jax.process_count())
+    if resolved.name != "diffmae":
+        raise ConfigError("model.name", resolved.name, "the sample task needs a 'diffmae' model")
+    model = models.build_model(resolved)
+    if config.sample.steps > model.timesteps:
+        raise ConfigError(
+            "sample.steps", config.sample.steps, f"at most model.diffusion.timesteps={model.timesteps}"
+        )
+    source_dir = config.init_from or workdir
+    params, loaded = checkpoint.load_params(source_dir)
+    if "decoder" not in params:
+        raise UserError(f"{loaded} holds encoder weights only; sampling needs the DiffMAE decoder")
+
+    channels, size = resolved.in_channels, resolved.image_size
+    mean, std = data_sources.normalization(config.dataset, channels)
+    source = data_sources.get_source(config.dataset, config.dataset.eval_split, channels)
+    transform = input_pipeline.eval_transform(config.dataset, size, channels)
+    images = next(input_pipeline.eval_batches(source, transform, config.sample.num_images))["image"]
+    grid = size // resolved.encoder.patch_size
+    masks = make_masks(config.sample, len(images), grid, config.seed)
+    model = with_mask_count(model, int(masks[0].sum()))
+    noise = masking.noise_from_mask(masks)
+
+    s = config.sample
+    out = inpaint_fn(model, s.sampler, s.steps, s.eta, s.num_samples)(
+        params, images, noise, jax.random.key(config.seed)
+    )
+    encoded = out["encoded"]
+    truth = preprocess.denormalize(images, mean, std)
+    pixel_mask = np.asarray(masking.patch_mask_to_pixels(masks, resolved.encoder.patch_size, channels))
+    t_T = _pixels(model, params, encoded, out["t_T"], mean, std)
+    samples = np.stack([_pixels(model, params, encoded, x, mean, std) for x in out["samples"]])
+    metrics = {
+        "psnr_tT": float(evaluate.psnr_masked(t_T, truth, pixel_mask).mean()),
+        "psnr_samples": float(np.mean([evaluate.psnr_masked(x, truth, pixel_mask).mean() for x in samples])),
+        "hf_ratio_tT": evaluate.high_frequency_ratio(t_T, truth, pixel_mask),
+        "hf_ratio_samples": float(
+            np.mean([evaluate.high_frequency_ratio(x, truth, pixel_mask) for x in samples])
+        ),
+        "diversity": evaluate.sample_diversity(samples, pixel_mask),
+    }
+    columns = [truth, truth * (1 - pixel_mask) + 0.5 * pixel_mask]
+    if config.compare_mae_from:
+        mae = mae_prediction(config.compare_mae_from, images, noise, mean, std)
+        metrics["psnr_mae"] = float(evaluate.psnr_masked(mae, truth, pixel_mask).mean())
+        metrics["hf_ratio_mae"] = evaluate.high_frequency_ratio(mae, truth, pixel_mask)
+        columns.append(mae)
+    snapshots = np.unique(
+        np.linspace(0, len(out["trajectory"]) - 1, TRAJECTORY_SNAPSHOTS).round().astype(int)
+    )
+    trajectory = [_pixels(model, params, encoded, out["trajectory"][i], mean, std) for i in snapshots]
+    columns += [t_T, *samples, *trajectory]
+
+    name = f"inpaint_{os.path.splitext(os.path.basename(s.mask))[0]}_{s.sampler}{s.steps}"
+    info = {"checkpoint": loaded, "sampler": s.sampler, "steps": s.steps, "eta": s.eta, "mask": s.mask}
+    info.update(
+        {"num_images": len(images), "num_samples": s.num_samples, "masked_patches": int(masks[0].sum())}
+    )
+    info["grid_columns"] = (
+        "original | masked | "
+        + ("MAE | " if config.compare_mae_from else "")
+        + "t=T prediction | "
+        + " | ".join(f"sample {i}" for i in range(s.num_samples))
+        + " | x0 trajectory of sample 0 at steps "
+        + ", ".join(str(int(i)) for i in snapshots)
+    )
+    if jax.process_index() == 0:
+        writer = writers.Writer(workdir)
+        path = writer.write_image(0, name, visualize.grid(columns), f"{name}.png")
+        writer.close()
+        with open(os.path.join(workdir, "sample_metrics.json"), "w") as f:
+            json.dump({**metrics, **info, "image": path}, f, indent=2)
+        print(json.dumps(metrics))
+        print(f"wrote {path} ({info['grid_columns']}) and {os.path.join(workdir, 'sample_metrics.json')}")
+    return metrics

@@ -1,0 +1,189 @@
+"""DiffMAE: the model, its training on real data, and the inpainting (sample) task."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maejax import models, sample, train
+from maejax.models import diffmae, masking
+from tests.conftest import REPO, cli_overrides, tiny_config
+
+TINY = dict(
+    name="diffmae",
+    image_size=28,
+    in_channels=1,
+    encoder=dict(width=32, depth=3, num_heads=2, mlp_dim=64, patch_size=4),
+    decoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64),
+    diffusion=dict(timesteps=100),
+)
+
+
+def init(cfg):
+    model = models.build_model(cfg)
+    x = jnp.zeros((2, 28, 28, 1))
+    rngs = {"params": jax.random.key(0), "masking": jax.random.key(1), "diffusion": jax.random.key(2)}
+    return model, jax.jit(model.init)(rngs, x)["params"]
+
+
+def test_cross_variants_read_the_encoder_top_down():
+    assert [diffmae.context_block_index(j, 8, 12) for j in range(8)] == [11, 10, 8, 7, 5, 4, 2, 1]
+    assert [diffmae.context_block_index(j, 4, 4) for j in range(4)] == [3, 2, 1, 0]
+    assert [diffmae.context_block_index(j, 2, 6) for j in range(2)] == [5, 2]
+
+
+@pytest.mark.parametrize("variant", diffmae.VARIANTS)
+def test_the_encoder_never_sees_t_or_the_noise(variant):
+    model, params = init({**TINY, "decoder": {**TINY["decoder"], "variant": variant}})
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(1), (2, 49))
+
+    @jax.jit
+    def latent(t, seed_key):
+        eps = jax.random.normal(seed_key, (2, 37, 16))
+        loss = lambda p: model.apply({"params": p}, images, noise=noise, t=t, eps=eps)["loss"]  # noqa: E731
+        enc = model.apply({"params": params}, images, noise, method=model.encode)["latent"]
+        return enc, jax.grad(loss)(params)
+
+    (enc_a, grads), (enc_b, _) = (
+        latent(jnp.asarray([3, 90]), jax.random.key(0)),
+        latent(jnp.asarray([50, 10]), jax.random.key(1)),
+    )
+    np.testing.assert_array_equal(enc_a, enc_b)
+    # ... while the loss still trains the encoder through the decoder's conditioning.
+    assert float(jnp.abs(grads["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]).max()) > 0
+
+
+def test_pred_holds_x0_at_masked_and_the_truth_at_visible_positions():
+    model, params = init(TINY)
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    out = model.apply(
+        {"params": params}, images, rngs={"masking": jax.random.key(3), "diffusion": jax.random.key(4)}
+    )
+    patches = masking.patchify(images, 4)
+    visible = np.asarray(out["mask"]) == 0
+    np.testing.assert_allclose(np.asarray(out["pred"])[visible], np.asarray(patches)[visible], rtol=1e-6)
+    assert out["pred"].shape == (2, 49, 16) and int(np.asarray(out["mask"]).sum()) == 2 * 37
+    assert np.all((np.asarray(out["t"]) >= 0) & (np.asarray(out["t"]) < 100))
+
+
+def count_patch_embeddings(jaxpr, kernel_shape) -> int:
+    """dot_generals whose operand is the encoder's (p*p*C, D) patch-embedding kernel, sub-jaxprs included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(
+            tuple(getattr(v.aval, "shape", ())) == kernel_shape for v in eqn.invars
+        ):
+            count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += count_patch_embeddings(inner, kernel_shape)
+    return count
+
+
+def test_the_encoder_runs_once_per_sampling_and_the_decoder_per_step():
+    # Decoder width 48 so that only the encoder has a (p*p*C, 32) = (16, 32) kernel.
+    model, params = init({**TINY, "decoder": {**TINY["decoder"], "width": 48}})
+    model = sample.with_mask_count(model, 37)
+    images = jnp.zeros((2, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(0), (2, 49))
+    run = sample.inpaint_fn(model, "ddpm", steps=20, eta=0.0, num_samples=3)
+    jaxpr = jax.make_jaxpr(run)(params, images, noise, jax.random.key(0)).jaxpr
+    assert count_patch_embeddings(jaxpr, (16, 32)) == 1  # the encoder's (p*p*C, D) kernel
+    scan_bodies = [e for e in _all_eqns(jaxpr) if e.primitive.name == "scan"]
+    assert scan_bodies and all(
+        count_patch_embeddings(e.params["jaxpr"].jaxpr, (16, 32)) == 0 for e in scan_bodies
+    )
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
+def test_same_seed_same_samples_different_seeds_differ():
+    model, params = init(TINY)
+    masks = np.stack([masking.center_block_mask(7, 5)] * 2)
+    model = sample.with_mask_count(model, int(masks[0].sum()))
+    noise = masking.noise_from_mask(masks)
+    images = jax.random.normal(jax.random.key(5), (2, 28, 28, 1))
+    run = sample.inpaint_fn(model, "ddpm", steps=10, eta=0.0, num_samples=2)
+    a, b, c = (run(params, images, noise, jax.random.key(k)) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a["samples"], b["samples"])
+    assert not np.allclose(a["samples"], c["samples"])
+    assert not np.allclose(a["samples"][0], a["samples"][1])  # two seeds within one call
+    np.testing.assert_array_equal(np.asarray(a["encoded"]["mask"]), masks)
+
+
+@pytest.mark.parametrize("variant", diffmae.VARIANTS)
+def test_each_decoder_variant_trains_on_real_data(tmp_path, tfds_dir, variant):
+    config = tiny_config(
+        tfds_dir, total_steps=60, log_every_steps=2, checkpoint_every_steps=60, image_every_steps=60
+    )
+    config.model.name = "diffmae"
+    config.model.decoder.variant = variant
+    config.optimizer.blr = 2e-3
+    train.train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        loss = [json.loads(line)["loss"] for line in f]
+    first, last = np.mean(loss[:3]), np.mean(loss[-5:])
+    assert last < 0.8 * first, (variant, first, last)
+
+
+def run_main(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "maejax.main", "--config=configs/diffmae_fmnist.py", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
+
+
+def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pretrained_workdir):
+    workdir = str(tmp_path / "diffmae")
+    tiny = cli_overrides(tfds_dir, total_steps=20, image_every_steps=20, checkpoint_every_steps=20)
+    pretrain = run_main(f"--workdir={workdir}", *tiny)
+    assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+    for mask, sampler in [("random", "ddpm"), ("center", "ddim")]:
+        result = run_main(
+            f"--workdir={workdir}",
+            *tiny,
+            "--config.task=sample",
+            f"--config.sample.mask={mask}",
+            f"--config.sample.sampler={sampler}",
+            "--config.sample.steps=10",
+            "--config.sample.num_images=4",
+            "--config.sample.num_samples=3",
+            f"--config.compare_mae_from={pretrained_workdir}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert os.path.exists(os.path.join(workdir, "images", f"inpaint_{mask}_{sampler}10.png"))
+        with open(os.path.join(workdir, "sample_metrics.json")) as f:
+            metrics = json.load(f)
+        for key in (
+            "psnr_tT",
+            "psnr_samples",
+            "hf_ratio_tT",
+            "hf_ratio_samples",
+            "diversity",
+            "psnr_mae",
+            "hf_ratio_mae",
+        ):
+            assert np.isfinite(metrics[key]), key
+        assert metrics["diversity"] > 0 and metrics["checkpoint"].endswith("step 20")
+        assert metrics["num_samples"] == 3 and metrics["masked_patches"] > 0

@@ -49,7 +49,10 @@ OPS = {
     "Rotate": lambda img, rng, level: img.rotate(
         _sign(rng) * level / MAX_LEVEL * 30.0, resample=Image.BILINEAR, fillcolor=_fill(img)
     ),
-    "PosterizeIncreasing": lambda img, rng, level: ImageOps.posterize(img, 4 - int(level / MAX_LEVEL * 4)),
+    # timm reaches 0 bits at level 10; PIL needs at least 1.
+    "PosterizeIncreasing": lambda img, rng, level: ImageOps.posterize(
+        img, max(1, 4 - int(level / MAX_LEVEL * 4))
+    ),
     "SolarizeIncreasing": lambda img, rng, level: ImageOps.solarize(img, 256 - int(level / MAX_LEVEL * 256)),
     "SolarizeAdd": lambda img, rng, level: _solarize_add(img, int(level / MAX_LEVEL * 110)),
     "ColorIncreasing": _enhance(ImageEnhance.Color),

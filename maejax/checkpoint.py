@@ -164,7 +164,9 @@ def load_params(path: str):
     if os.path.isdir(checkpoints_dir):
         step, state = _latest_state(checkpoints_dir)
         if step is not None:
-            return jax.tree.map(np.asarray, state["params"]), f"{checkpoints_dir} step {step}"
+            # A linear probe keeps its frozen encoder apart from the trained head.
+            params = {**state.get("frozen", {}), **state["params"]}
+            return jax.tree.map(np.asarray, params), f"{checkpoints_dir} step {step}"
     raise UserError(
         f"{path!r} holds no params/ (from maejax.convert) and no checkpoints/ with a saved step: "
         "point it at a maejax workdir"

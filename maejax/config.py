@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn.temperature = 0.07
     c.knn.num_train = 10000
     c.knn.num_eval = 2000
+    c.knn.pool = "cls"  # 'cls' (the linear probe's feature) or 'avg' of patch tokens
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"  # 'ddpm' | 'ddim' | 'renoise'

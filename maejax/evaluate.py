@@ -4,6 +4,7 @@ Image metrics take pixels in [0, 1] of shape (N, H, W, C) and a pixel mask of
 the same shape (1 = masked, i.e. the region that was predicted).
 """
 
+import jax
 import numpy as np
 
 LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -55,3 +56,44 @@ def topk_correct(logits, labels, k: int) -> np.ndarray:
     """(B,) 1.0 where the label is among the k highest logits."""
     top = np.argsort(-np.asarray(logits), axis=-1)[:, :k]
     return (top == np.asarray(labels)[:, None]).any(axis=-1).astype(np.float64)
+
+
+def knn_top1(
+    train_feats, train_labels, eval_feats, eval_labels, num_classes: int, k=20, temperature=0.07
+) -> float:
+    """Weighted kNN accuracy of frozen features (cosine similarity, exp(sim / T) votes).
+
+    The usual self-supervised monitor (as in DINO): each eval feature votes with
+    its k most similar training features.
+    """
+    normalize = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    train_feats, eval_feats = (
+        normalize(np.asarray(train_feats, np.float32)),
+        normalize(np.asarray(eval_feats, np.float32)),
+    )
+    train_labels = np.asarray(train_labels)
+    k = min(k, len(train_feats))
+    correct = 0
+    for start in range(0, len(eval_feats), 1024):
+        sims = eval_feats[start : start + 1024] @ train_feats.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        weights = np.exp(np.take_along_axis(sims, top, axis=1) / temperature)
+        votes = np.zeros((len(sims), num_classes))
+        np.add.at(votes, (np.arange(len(sims))[:, None], train_labels[top]), weights)
+        correct += int((votes.argmax(axis=1) == np.asarray(eval_labels)[start : start + 1024]).sum())
+    return correct / len(eval_feats)
+
+
+def extract_features(features_fn, params, batches, to_global):
+    """(features, labels) of every valid example in `batches`, on every process.
+
+    features_fn: jitted (params, global batch) -> {"feature", "label", "valid"}
+    with replicated outputs, so each process reads the whole global batch.
+    """
+    feats, labels = [], []
+    for batch in batches:
+        out = jax.device_get(features_fn(params, to_global(batch)))
+        valid = np.asarray(out["valid"]) > 0
+        feats.append(np.asarray(out["feature"])[valid])
+        labels.append(np.asarray(out["label"])[valid])
+    return np.concatenate(feats), np.concatenate(labels)

@@ -222,9 +222,11 @@ def evaluate_split(eval_fn, state, source, transform, batch_size, batch_sharding
     ):
         sums = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, batch_sharding)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
+    count = totals["count"]
     return {
-        "eval_top1": totals["correct1"] / totals["count"],
-        "eval_top5": totals["correct5"] / totals["count"],
+        "eval_top1": totals["correct1"] / count,
+        "eval_top5": totals["correct5"] / count,
+        "eval_examples": count,
     }
 
 
@@ -326,6 +328,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_eval(step, state):
         return evaluate_split(eval_fn, state, eval_source, eval_transform, config.batch_size, batch_sharding)
 
+    hooks = [loop.Hook(config.eval_every_steps, run_eval)]
+    if probe:  # the frozen encoder's kNN accuracy, for comparison with the probe
+        features = lambda params, images: model.apply({"params": params}, images, method=model.features)  # noqa: E731
+        knn = loop.knn_hook(
+            config,
+            features,
+            mesh,
+            batch_sharding,
+            train_source,
+            eval_source,
+            eval_transform,
+            resolved.num_classes,
+            every=None,
+        )
+        hooks.append(knn)
+
     return loop.run(
         config=config,
         workdir=workdir,
@@ -339,5 +357,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total_steps=total_steps,
         start_step=start_step,
         restored=restored,
-        hooks=[loop.Hook(config.eval_every_steps, run_eval)],
+        hooks=hooks,
     )

@@ -168,3 +168,49 @@ def run(
 def mesh_and_shardings(config, abstract_state):
     mesh = sharding.make_mesh(config.mesh)
     return mesh, sharding.batch_sharding(mesh), sharding.tree_shardings(abstract_state, mesh)
+
+
+def knn_hook(
+    config, features_apply, mesh, batch_sharding, train_source, eval_source, transform, num_classes, every
+):
+    """A Hook logging `knn_top1` of the frozen features on config.knn's labelled subsets.
+
+    features_apply: (params, images) -> (B, D) features; the hook's fn takes the
+    train state and reads state["params"] (plus state["frozen"] when present).
+    """
+    from maejax import evaluate
+
+    replicated = sharding.replicated(mesh)
+    micro = config.batch_size // config.grad_accum_steps
+
+    @jax.jit
+    def features_fn(params, batch):
+        out = {
+            "feature": features_apply(params, batch["image"]),
+            "label": batch["label"],
+            "valid": batch["valid"],
+        }
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    def batches(source, limit):
+        return input_pipeline.eval_batches(
+            source, transform, micro, jax.process_index(), jax.process_count(), limit=limit
+        )
+
+    def to_global(batch):
+        return input_pipeline.to_global(batch, batch_sharding)
+
+    def run_knn(step, state):
+        del step
+        params = {**state.get("frozen", {}), **state["params"]}
+        train = evaluate.extract_features(
+            features_fn, params, batches(train_source, config.knn.num_train), to_global
+        )
+        test = evaluate.extract_features(
+            features_fn, params, batches(eval_source, config.knn.num_eval), to_global
+        )
+        return {
+            "knn_top1": evaluate.knn_top1(*train, *test, num_classes, config.knn.k, config.knn.temperature)
+        }
+
+    return Hook(every, run_knn)

@@ -119,6 +119,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
 
     hooks = [loop.Hook(config.image_every_steps, write_images)]
+    if config.knn_every_steps:
+        features = lambda params, images: model.apply(  # noqa: E731
+            {"params": params}, images, config.knn.pool, method=model.features
+        )
+        eval_transform = input_pipeline.eval_transform(config.dataset, size, channels)
+        hooks.append(
+            loop.knn_hook(
+                config,
+                features,
+                mesh,
+                batch_sharding,
+                train_source,
+                eval_source,
+                eval_transform,
+                train_source.num_classes,
+                config.knn_every_steps,
+            )
+        )
 
     # --- loop ------------------------------------------------------------------
     return loop.run(

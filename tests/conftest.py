@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,13 +73,25 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_workdir(tmp_path_factory, tfds_dir):
-    """A tiny MAE pre-trained 100 steps in-process; later tests read it, never write it."""
-    from maejax import train
-
+    """A tiny MAE pre-trained 100 steps by the CLI; later tests read it, never write it."""
     workdir = str(tmp_path_factory.mktemp("pretrained"))
-    config = tiny_config(
+    overrides = cli_overrides(
         tfds_dir, total_steps=100, log_every_steps=10, image_every_steps=50, checkpoint_every_steps=50
     )
-    config.optimizer.blr = 1.5e-3
-    train.train_and_evaluate(config, workdir)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maejax.main",
+            "--config=configs/mae_fmnist.py",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=REPO,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     return workdir

@@ -40,6 +40,7 @@ from maejax.models.vit import (
     ViTSpec,
     dense,
     layer_norm,
+    pool_tokens,
     sincos_2d,
 )
 
@@ -304,6 +305,10 @@ class DiffMAE(nn.Module):
             "ids_restore": encoded["ids_restore"],
             "t": t,
         }
+
+    def features(self, images, pool: str = "cls"):
+        """(B, D) features of unmasked images from the frozen encoder (kNN, probes)."""
+        return pool_tokens(self.encoder(masking.patchify(images, self.patch_size), train=False), pool)
 
     def reconstruct(self, images, noise):
         """The one-step x0 prediction from pure noise at t = T-1 (pictures, kNN-free previews)."""

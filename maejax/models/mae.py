@@ -13,7 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from maejax.models import masking
-from maejax.models.vit import Encoder, ViTSpec, block_class, dense, layer_norm, sincos_2d, token_init
+from maejax.models.vit import (
+    Encoder,
+    ViTSpec,
+    block_class,
+    dense,
+    layer_norm,
+    pool_tokens,
+    sincos_2d,
+    token_init,
+)
 
 NORM_PIX_EPS = 1e-6
 
@@ -164,5 +173,4 @@ class MAE(nn.Module):
 
         `pool='cls'` takes the normalised cls token; 'avg' averages patch tokens.
         """
-        tokens = self.encoder(masking.patchify(images, self.patch_size), train=False)
-        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+        return pool_tokens(self.encoder(masking.patchify(images, self.patch_size), train=False), pool)

@@ -196,6 +196,11 @@ class Block(nn.Module):
         return x + drop(y)
 
 
+def pool_tokens(tokens, pool: str):
+    """(B, 1 + L, D) -> (B, D): the cls token ('cls') or the mean of the patch tokens ('avg')."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+
+
 def block_class(remat: bool):
     """Block, or Block with its activations recomputed in the backward pass."""
     return nn.remat(Block) if remat else Block

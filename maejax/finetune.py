@@ -15,18 +15,26 @@ Evaluation covers the whole eval split once (padded, across processes) and
 logs `eval_top1`, `eval_top5` as fractions to metrics.jsonl.
 """
 
-import os
-
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maejax import augment, checkpoint, data_sources, input_pipeline, loop, models, optim, preprocess, writers
+from maejax import (
+    augment,
+    checkpoint,
+    data_sources,
+    input_pipeline,
+    loop,
+    models,
+    optim,
+    preprocess,
+    train_step,
+    writers,
+)
 from maejax import config as config_lib
 from maejax import sharding as sharding_lib
-from maejax import validate as validate_lib
 from maejax.errors import ConfigError, UserError
 from maejax.models.classifier import interpolate_pos_embed
 
@@ -85,50 +93,36 @@ def split_trainable(params: dict, probe: bool):
 def make_step(model, tx, schedule, base_key, probe: bool, grad_accum_steps: int):
     """(state, batch{image, target}) -> (state, metrics); state {step, params, frozen, batch_stats, opt}."""
 
-    def loss_fn(trainable, frozen, batch_stats, images, targets, key):
-        variables = {"params": {**frozen, **trainable}}
-        if probe:
-            variables["batch_stats"] = batch_stats
-            logits, updates = model.apply(
-                variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
-            )
-            batch_stats = updates["batch_stats"]
-        else:
-            logits = model.apply(variables, images, train=True, rngs={"dropout": key})
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
-        return loss, batch_stats
+    def grad_fn(trainable, frozen, micro_batch, key, batch_stats):
+        def loss_fn(trainable):
+            variables = {"params": {**frozen, **trainable}}
+            rngs = {"dropout": key}
+            if probe:
+                variables["batch_stats"] = batch_stats
+                logits, updates = model.apply(
+                    variables, micro_batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
+                )
+                new_stats = updates["batch_stats"]
+            else:
+                logits, new_stats = (
+                    model.apply(variables, micro_batch["image"], train=True, rngs=rngs),
+                    batch_stats,
+                )
+            return optax.softmax_cross_entropy(logits, micro_batch["target"]).mean(), new_stats
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return (loss, new_stats), grads
 
     def step_fn(state, batch):
-        params, frozen, stats, step = state["params"], state["frozen"], state["batch_stats"], state["step"]
-        key = jax.random.fold_in(base_key, step)
-        if grad_accum_steps == 1:
-            (loss, stats), grads = grad_fn(params, frozen, stats, batch["image"], batch["target"], key)
-        else:
-            from maejax.train_step import split_micro_batches
-
-            micro = split_micro_batches(batch, grad_accum_steps)
-
-            def body(carry, xs):
-                total, grads_sum, stats = carry
-                index, mb = xs
-                (loss, stats), grads = grad_fn(
-                    params, frozen, stats, mb["image"], mb["target"], jax.random.fold_in(key, index)
-                )
-                return (total + loss, jax.tree.map(jnp.add, grads_sum, grads), stats), None
-
-            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), stats)
-            (loss, grads, stats), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
-            loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
-        updates, opt = tx.update(grads, state["opt"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = {
-            "loss": loss,
-            "lr": schedule(step),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-        }
+        params, frozen, step = state["params"], state["frozen"], state["step"]
+        (loss, stats), grads = train_step.accumulate_gradients(
+            lambda mb, k, aux: grad_fn(params, frozen, mb, k, aux),
+            batch,
+            grad_accum_steps,
+            jax.random.fold_in(base_key, step),
+            state["batch_stats"],
+        )
+        params, opt, metrics = train_step.apply_update(tx, schedule, step, params, state["opt"], grads, loss)
         new_state = {"step": step + 1, "params": params, "frozen": frozen, "batch_stats": stats, "opt": opt}
         return new_state, metrics
 
@@ -233,14 +227,9 @@ def evaluate_split(eval_fn, state, source, transform, batch_size, batch_sharding
 def train_and_evaluate(config, workdir: str) -> dict:
     """Fine-tune or linear-probe (config.task) from config.init_from; resumable like pre-training."""
     # --- validation ---------------------------------------------------------------
-    resolved = validate_lib.validate(config, jax.device_count(), jax.process_count())
-    if resolved.name != "classifier":
-        raise ConfigError("model.name", resolved.name, f"task '{config.task}' needs 'classifier'")
+    resolved = loop.start_run(config, workdir, ("classifier",))
     probe = config.task == "linprobe"
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        config_lib.write_config_json(config_lib.with_resolved_model(config), workdir)
 
     # --- input ----------------------------------------------------------------------
     channels, size = resolved.in_channels, resolved.image_size
@@ -297,11 +286,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"{config.task} from {loaded}", flush=True)
 
     # --- update and eval ---------------------------------------------------------------
-    step_fn = jax.jit(
+    step_fn = loop.compile_step(
         make_step(model, tx, schedule, base_key, probe, config.grad_accum_steps),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=0,
+        state_shardings,
+        batch_sharding,
+        mesh,
     )
     eval_fn = jax.jit(
         make_eval_step(model),
@@ -311,17 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_transform = input_pipeline.eval_transform(
         config.dataset, size, channels, config.finetune.eval_resize_ratio
     )
-    loader = input_pipeline.TrainLoader(
-        train_source,
-        train_transform(config, size, channels, probe),
-        seed=config.seed,
-        batch_size=config.batch_size,
-        start_batch=int(position["next_batch"]),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        prefetch=config.dataset.prefetch,
-        num_threads=config.dataset.num_threads,
-    )
+    loader = loop.train_loader(config, train_source, train_transform(config, size, channels, probe), position)
     make_batch, counter = batch_maker(config, resolved.num_classes, probe)
     counter["batch"] = loader.position
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import jax
 
-from maejax import checkpoint, input_pipeline, sharding, writers
-from maejax.errors import UserError
+from maejax import checkpoint, input_pipeline, sharding, validate, writers
+from maejax import config as config_lib
+from maejax.errors import ConfigError, UserError
 
 
 class TrainingDiverged(UserError):
@@ -82,6 +83,23 @@ class Hook:
 
     def due(self, step: int, final: bool) -> bool:
         return final or (self.every is not None and step % self.every == 0)
+
+
+def start_run(config, workdir: str, model_names):
+    """Validate the config (before anything compiles) and write WORKDIR/config.json.
+
+    Returns the resolved config.model; raises ConfigError when the task needs
+    another kind of model.
+    """
+    resolved = validate.validate(config, jax.device_count(), jax.process_count())
+    if resolved.name not in model_names:
+        raise ConfigError(
+            "model.name", resolved.name, f"task '{config.task}' needs one of {list(model_names)}"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        config_lib.write_config_json(config_lib.with_resolved_model(config), workdir)
+    return resolved
 
 
 def restore_or_init(ckpt, abstract_state, state_shardings, init_fn):
@@ -163,6 +181,31 @@ def run(
             f"{os.path.join(workdir, writers.IMAGES_DIR)}; checkpoints {ckpt.directory}"
         )
     return last
+
+
+def compile_step(step_fn, state_shardings, batch_sharding, mesh):
+    """jit a (state, batch) -> (state, metrics) step with explicit shardings, donating the state."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def train_loader(config, source, transform, position: dict):
+    """This process's training batches from the checkpointed input position on."""
+    return input_pipeline.TrainLoader(
+        source,
+        transform,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        start_batch=int(position["next_batch"]),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=config.dataset.prefetch,
+        num_threads=config.dataset.num_threads,
+    )
 
 
 def mesh_and_shardings(config, abstract_state):

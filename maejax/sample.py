@@ -35,6 +35,7 @@ from maejax.errors import ConfigError, UserError
 from maejax.models import masking
 
 TRAJECTORY_SNAPSHOTS = 5
+GRID_ROWS = 8
 
 
 def make_masks(sample_config, num_images: int, grid: int, seed: int) -> np.ndarray:
@@ -185,6 +186,8 @@ def run(config, workdir: str) -> dict:
         mae = mae_prediction(config.compare_mae_from, images, noise, mean, std)
         metrics["psnr_mae"] = float(evaluate.psnr_masked(mae, truth, pixel_mask).mean())
         metrics["hf_ratio_mae"] = evaluate.high_frequency_ratio(mae, truth, pixel_mask)
+        # How close DiffMAE's t = T prediction is to MAE's reconstruction itself.
+        metrics["psnr_tT_vs_mae"] = float(evaluate.psnr_masked(t_T, mae, pixel_mask).mean())
         columns.append(mae)
     snapshots = np.unique(
         np.linspace(0, len(out["trajectory"]) - 1, TRAJECTORY_SNAPSHOTS).round().astype(int)
@@ -207,7 +210,8 @@ def run(config, workdir: str) -> dict:
     )
     if jax.process_index() == 0:
         writer = writers.Writer(workdir)
-        path = writer.write_image(0, name, visualize.grid(columns), f"{name}.png")
+        rows = [np.asarray(c)[:GRID_ROWS] for c in columns]  # metrics use every image
+        path = writer.write_image(0, name, visualize.grid(rows), f"{name}.png")
         writer.close()
         with open(os.path.join(workdir, "sample_metrics.json"), "w") as f:
             json.dump({**metrics, **info, "image": path}, f, indent=2)

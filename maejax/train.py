@@ -5,8 +5,6 @@ config.task == 'pretrain'. Running it again on the same workdir resumes from
 the newest checkpoint, input position included.
 """
 
-import os
-
 import jax
 import numpy as np
 
@@ -17,13 +15,11 @@ from maejax import (
     loop,
     models,
     optim,
-    sharding,
     train_step,
     visualize,
     writers,
 )
 from maejax import config as config_lib
-from maejax import validate as validate_lib
 
 NUM_RECON_IMAGES = 8
 
@@ -53,11 +49,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The last logged metrics, {"step": ..., "loss": ..., ...}.
     """
     # --- validation (before anything compiles) --------------------------------
-    model_cfg = validate_lib.validate(config, jax.device_count(), jax.process_count())
+    model_cfg = loop.start_run(config, workdir, ("mae", "diffmae"))
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        config_lib.write_config_json(config_lib.with_resolved_model(config), workdir)
 
     # --- input -----------------------------------------------------------------
     channels, size = model_cfg.in_channels, model_cfg.image_size
@@ -83,23 +76,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.truncate_after(start_step)
 
     # --- update ----------------------------------------------------------------
-    step_fn = jax.jit(
+    step_fn = loop.compile_step(
         train_step.make_train_step(model, tx, schedule, base_key, config.grad_accum_steps),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
+        state_shardings,
+        batch_sharding,
+        mesh,
     )
-    loader = input_pipeline.TrainLoader(
-        train_source,
-        input_pipeline.pretrain_transform(config.dataset, size, channels),
-        seed=config.seed,
-        batch_size=config.batch_size,
-        start_batch=int(position["next_batch"]),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        prefetch=config.dataset.prefetch,
-        num_threads=config.dataset.num_threads,
-    )
+    transform = input_pipeline.pretrain_transform(config.dataset, size, channels)
+    loader = loop.train_loader(config, train_source, transform, position)
 
     # --- evals: reconstructions of fixed held-out images, kNN monitor ----------
     eval_source = data_sources.get_source(config.dataset, config.dataset.eval_split, channels)

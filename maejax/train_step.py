@@ -45,6 +45,46 @@ def split_micro_batches(tree, num: int):
     return jax.tree.map(split, tree)
 
 
+def accumulate_gradients(grad_fn, batch, num: int, key, aux=None):
+    """((mean loss, aux), mean grads) over `num` strided micro-batches of `batch`.
+
+    grad_fn(micro_batch, key, aux) -> ((loss, aux), grads); `aux` (e.g.
+    BatchNorm statistics) is threaded through the micro-batches in order.
+    With num == 1 this is grad_fn(batch, key, aux).
+    """
+    if num == 1:
+        return grad_fn(batch, key, aux)
+    micro = split_micro_batches(batch, num)
+
+    def body(carry, xs):
+        total, grads_sum, aux = carry
+        index, mb = xs
+        (loss, aux), grads = grad_fn(mb, jax.random.fold_in(key, index), aux)
+        return (total + loss, jax.tree.map(jnp.add, grads_sum, grads), aux), None
+
+    grad_shapes = jax.eval_shape(lambda: grad_fn(jax.tree.map(lambda x: x[0], micro), key, aux)[1])
+    zeros = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grad_shapes),
+        aux,
+    )
+    (loss, grads, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(num), micro))
+    return (loss / num, aux), jax.tree.map(lambda g: g / num, grads)
+
+
+def apply_update(tx, schedule, step, params, opt_state, grads, loss):
+    """One optimizer update: (new params, new optimizer state, the step's metrics)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": loss,
+        "lr": schedule(step),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+    return params, opt_state, metrics
+
+
 def make_train_step(model, tx, schedule, base_key, grad_accum_steps: int = 1):
     """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
@@ -52,38 +92,25 @@ def make_train_step(model, tx, schedule, base_key, grad_accum_steps: int = 1):
     metrics: loss, lr, grad_norm, param_norm (scalars).
     """
 
-    def loss_fn(params, images, inputs, key):
-        out = model.apply({"params": params}, images, **inputs, rngs=step_rngs(key), train=True)
-        return out["loss"]
+    def grad_fn(params, micro_batch, key, aux):
+        def loss_fn(p):
+            images, inputs = micro_batch["image"], micro_batch["inputs"]
+            return model.apply({"params": p}, images, **inputs, rngs=step_rngs(key), train=True)["loss"], aux
 
-    grad_fn = jax.value_and_grad(loss_fn)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def train_step(state, batch):
         params, step = state["params"], state["step"]
         key = jax.random.fold_in(base_key, step)
         images = batch["image"]
         inputs = model.random_inputs(jax.random.fold_in(key, 0), images.shape[0])
-        if grad_accum_steps == 1:
-            loss, grads = grad_fn(params, images, inputs, jax.random.fold_in(key, 1))
-        else:
-            micro = split_micro_batches({"image": images, "inputs": inputs}, grad_accum_steps)
-
-            def accumulate(carry, xs):
-                index, mb = xs
-                loss, grads = grad_fn(params, mb["image"], mb["inputs"], jax.random.fold_in(key, 1 + index))
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
-        updates, opt = tx.update(grads, state["opt"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = {
-            "loss": loss,
-            "lr": schedule(step),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-        }
+        (loss, _), grads = accumulate_gradients(
+            lambda mb, k, aux: grad_fn(params, mb, k, aux),
+            {"image": images, "inputs": inputs},
+            grad_accum_steps,
+            jax.random.fold_in(key, 1),
+        )
+        params, opt, metrics = apply_update(tx, schedule, step, params, state["opt"], grads, loss)
         return {"step": step + 1, "params": params, "opt": opt}, metrics
 
     return train_step

@@ -55,6 +55,18 @@ def tiny_config(tfds_dir: str, base: str = "configs/mae_fmnist.py", **overrides)
     return set_fields(config, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
+def run_maejax(*args, timeout=900):
+    """`python -m maejax.main ARGS` in the repository, on CPU; the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "maejax.main", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def cli_overrides(tfds_dir: str, **extra) -> list:
     fields = {**tiny_overrides(tfds_dir), **{k.replace("__", "."): v for k, v in extra.items()}}
     return [f"--config.{k}={v}" for k, v in fields.items()]

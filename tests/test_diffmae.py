@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import pytest
 
 from maejax import models, sample, train
 from maejax.models import diffmae, masking
-from tests.conftest import REPO, cli_overrides, tiny_config
+from tests.conftest import cli_overrides, run_maejax, tiny_config
 
 TINY = dict(
     name="diffmae",
@@ -142,25 +140,14 @@ def test_each_decoder_variant_trains_on_real_data(tmp_path, tfds_dir, variant):
     assert last < 0.8 * first, (variant, first, last)
 
 
-def run_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "maejax.main", "--config=configs/diffmae_fmnist.py", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-    )
-
-
 def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pretrained_workdir):
     workdir = str(tmp_path / "diffmae")
     tiny = cli_overrides(tfds_dir, total_steps=20, image_every_steps=20, checkpoint_every_steps=20)
-    pretrain = run_main(f"--workdir={workdir}", *tiny)
+    pretrain = run_maejax("--config=configs/diffmae_fmnist.py", f"--workdir={workdir}", *tiny)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     for mask, sampler in [("random", "ddpm"), ("center", "ddim")]:
-        result = run_main(
+        result = run_maejax(
+            "--config=configs/diffmae_fmnist.py",
             f"--workdir={workdir}",
             *tiny,
             "--config.task=sample",

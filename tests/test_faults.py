@@ -1,8 +1,6 @@
 """Faults and bad input: damaged checkpoints, failed writes, divergence, config errors."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import pytest
 
 from maejax import checkpoint, loop, train, validate
 from maejax.errors import ConfigError, UserError
-from tests.conftest import REPO, cli_overrides, set_fields, tiny_config
+from tests.conftest import cli_overrides, run_maejax, set_fields, tiny_config
 
 
 def small_state(value):
@@ -147,18 +145,6 @@ def test_missing_manual_data_says_how_to_get_it(tfds_dir, tmp_path):
         validate.validate(config)
 
 
-def run_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "maejax.main", "--config=configs/mae_fmnist.py", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "flag, expected",
     [
@@ -171,7 +157,9 @@ def run_cli(*args):
     ],
 )
 def test_the_cli_reports_bad_input_in_one_line_without_a_traceback(tmp_path, tfds_dir, flag, expected):
-    result = run_cli(f"--workdir={tmp_path}", *cli_overrides(tfds_dir), flag)
+    result = run_maejax(
+        "--config=configs/mae_fmnist.py", f"--workdir={tmp_path}", *cli_overrides(tfds_dir), flag
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if expected in line]

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ import pytest
 from maejax import augment, checkpoint, convert, finetune, models, optim
 from maejax.models.classifier import interpolate_pos_embed
 from maejax.models.vit import sincos_2d
-from tests.conftest import REPO, cli_overrides
+from tests.conftest import cli_overrides, run_maejax
 
 CLASSIFIER = dict(
     name="classifier",
@@ -161,18 +159,6 @@ def test_finetuned_checkpoints_convert_both_ways_exactly():
     jax.tree.map(np.testing.assert_array_equal, convert.params_from_torch(state, CLASSIFIER), params)
 
 
-def run_main(config, workdir, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "maejax.main", f"--config=configs/{config}", f"--workdir={workdir}", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-    )
-
-
 def rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -183,9 +169,9 @@ def test_the_tasks_run_from_a_cli_pretraining_and_evaluate_every_test_image(
     tmp_path, tfds_dir, pretrained_workdir, task
 ):
     overrides = cli_overrides(tfds_dir, total_steps=6, log_every_steps=3, checkpoint_every_steps=6)
-    result = run_main(
-        f"{task}_fmnist.py",
-        tmp_path,
+    result = run_maejax(
+        f"--config=configs/{task}_fmnist.py",
+        f"--workdir={tmp_path}",
         *overrides,
         f"--config.init_from={pretrained_workdir}",
         "--config.eval_every_steps=6",

@@ -3,15 +3,13 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from maejax import validate
-from tests.conftest import REPO, cli_overrides, load_config_file
+from tests.conftest import REPO, cli_overrides, load_config_file, run_maejax
 
 
 def read_metrics(workdir):
@@ -19,22 +17,10 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def run_main(*args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "maejax.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=timeout,
-    )
-
-
 def test_cli_pretrains_writes_everything_and_continues(tmp_path, tfds_dir):
     workdir = str(tmp_path / "run")
     args = ["--config=configs/mae_fmnist.py", f"--workdir={workdir}", *cli_overrides(tfds_dir)]
-    first = run_main(*args)
+    first = run_maejax(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "step 10/10" in first.stdout and "from scratch" in first.stdout
     rows = read_metrics(workdir)
@@ -49,7 +35,7 @@ def test_cli_pretrains_writes_everything_and_continues(tmp_path, tfds_dir):
     assert config["model"]["encoder"]["width"] == 32 and config["model"]["decoder"]["mlp_dim"] == 64
 
     # The same command with a longer schedule continues from step 10.
-    second = run_main(*args, "--config.total_steps=20")
+    second = run_maejax(*args, "--config.total_steps=20")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at step 10 (input batch 10)" in second.stdout
     assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 15, 20]

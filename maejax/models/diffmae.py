@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from maejax import diffusion
 from maejax.models import masking
-from maejax.models.mae import loss_targets, reconstruction_loss
+from maejax.models.mae import PatchModel, loss_targets, reconstruction_loss
 from maejax.models.vit import (
     CrossAttention,
     Encoder,
@@ -40,7 +40,6 @@ from maejax.models.vit import (
     ViTSpec,
     dense,
     layer_norm,
-    pool_tokens,
     sincos_2d,
 )
 
@@ -177,7 +176,7 @@ class DiffMAEDecoder(nn.Module):
         return dense(self.patch_dim, "pred", self.dtype)(tokens)
 
 
-class DiffMAE(nn.Module):
+class DiffMAE(PatchModel, nn.Module):
     """DiffMAE for pre-training and inpainting.
 
     `apply({"params": p}, images, noise=None, t=None, eps=None, train=True)`
@@ -204,22 +203,6 @@ class DiffMAE(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
-
-    @property
-    def patch_size(self) -> int:
-        return self.encoder_spec.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_visible(self) -> int:
-        return masking.num_visible(self.num_patches, self.mask_ratio)
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**2 * self.in_channels
 
     @property
     def schedule(self) -> diffusion.Schedule:
@@ -260,9 +243,7 @@ class DiffMAE(nn.Module):
     def encode(self, images, noise=None, train: bool = False) -> dict:
         """Run the encoder once: {patches, targets, ids_keep, ids_mask, ids_restore, mask, latent, blocks}."""
         patches = masking.patchify(images, self.patch_size).astype(jnp.float32)
-        if noise is None:
-            noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], self.num_patches))
-        m = masking.masking_from_noise(noise, self.num_visible)
+        m = self.make_masking(images.shape[0], noise)
         latent, blocks = self.encoder(patches, m.ids_keep, train=train, return_blocks=True)
         return {
             "targets": loss_targets(patches, self.norm_pix_loss),
@@ -305,10 +286,6 @@ class DiffMAE(nn.Module):
             "ids_restore": encoded["ids_restore"],
             "t": t,
         }
-
-    def features(self, images, pool: str = "cls"):
-        """(B, D) features of unmasked images from the frozen encoder (kNN, probes)."""
-        return pool_tokens(self.encoder(masking.patchify(images, self.patch_size), train=False), pool)
 
     def reconstruct(self, images, noise):
         """The one-step x0 prediction from pure noise at t = T-1 (pictures, kNN-free previews)."""

@@ -62,6 +62,40 @@ def loss_targets(patches, norm_pix_loss: bool):
     return normalize_patches(patches)[0] if norm_pix_loss else patches
 
 
+class PatchModel:
+    """What MAE and DiffMAE share: patch geometry, masking and encoder features.
+
+    A mixin for flax modules with `encoder_spec`, `image_size`, `in_channels`,
+    `mask_ratio` and an `encoder` submodule.
+    """
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder_spec.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_visible(self) -> int:
+        return masking.num_visible(self.num_patches, self.mask_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_channels
+
+    def make_masking(self, batch: int, noise=None) -> masking.Masking:
+        """The official per-example masking from `noise` (B, L), drawn from the "masking" rng if None."""
+        if noise is None:
+            noise = jax.random.uniform(self.make_rng("masking"), (batch, self.num_patches))
+        return masking.masking_from_noise(noise, self.num_visible)
+
+    def features(self, images, pool: str = "cls"):
+        """(B, D) features of unmasked images from the frozen encoder (kNN, probes)."""
+        return pool_tokens(self.encoder(masking.patchify(images, self.patch_size), train=False), pool)
+
+
 class MAEDecoder(nn.Module):
     """Lightweight decoder: embed, mask tokens, unshuffle, blocks, per-patch pixels."""
 
@@ -99,7 +133,7 @@ class MAEDecoder(nn.Module):
         return x[:, 1:]
 
 
-class MAE(nn.Module):
+class MAE(PatchModel, nn.Module):
     """Masked autoencoder for pre-training.
 
     `apply({"params": p}, images, noise=None, train=True)` with NHWC float32
@@ -119,14 +153,6 @@ class MAE(nn.Module):
     remat: bool = False
     attention_impl: str | None = None
 
-    @property
-    def patch_size(self) -> int:
-        return self.encoder_spec.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
     def setup(self):
         self.encoder = Encoder(
             self.encoder_spec,
@@ -138,7 +164,7 @@ class MAE(nn.Module):
         self.decoder = MAEDecoder(
             self.decoder_spec,
             self.num_patches,
-            self.patch_size**2 * self.in_channels,
+            self.patch_dim,
             dtype=self.dtype,
             remat=self.remat,
             attention_impl=self.attention_impl,
@@ -147,12 +173,6 @@ class MAE(nn.Module):
     def random_inputs(self, key, batch: int) -> dict:
         """Per-example random inputs of a training step: the mask noise (B, L)."""
         return {"noise": jax.random.uniform(key, (batch, self.num_patches))}
-
-    def make_masking(self, batch: int, noise=None) -> masking.Masking:
-        if noise is None:
-            noise = jax.random.uniform(self.make_rng("masking"), (batch, self.num_patches))
-        len_keep = masking.num_visible(self.num_patches, self.mask_ratio)
-        return masking.masking_from_noise(noise, len_keep)
 
     def __call__(self, images, noise=None, train: bool = True):
         patches = masking.patchify(images, self.patch_size)
@@ -167,10 +187,3 @@ class MAE(nn.Module):
         """{"pred", "mask"} for pictures: the forward pass without drop path."""
         out = self(images, noise=noise, train=False)
         return {"pred": out["pred"], "mask": out["mask"]}
-
-    def features(self, images, pool: str = "cls"):
-        """(B, D) features of unmasked images from the frozen encoder (kNN, probes).
-
-        `pool='cls'` takes the normalised cls token; 'avg' averages patch tokens.
-        """
-        return pool_tokens(self.encoder(masking.patchify(images, self.patch_size), train=False), pool)

@@ -174,3 +174,27 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
             assert np.isfinite(metrics[key]), key
         assert metrics["diversity"] > 0 and metrics["checkpoint"].endswith("step 20")
         assert metrics["num_samples"] == 3 and metrics["masked_patches"] > 0
+
+
+def test_user_masks_come_from_a_npy_file(tmp_path):
+    from maejax.config import base_config
+    from maejax.errors import ConfigError
+
+    config = base_config().sample
+    mask = masking.center_block_mask(7, 3)
+    np.save(tmp_path / "one.npy", mask)
+    config.mask = str(tmp_path / "one.npy")
+    np.testing.assert_array_equal(sample.make_masks(config, 4, 7, seed=0), np.tile(mask, (4, 1)))
+    config.mask = "center"
+    assert sample.make_masks(config, 2, 7, seed=0).sum(axis=1).tolist() == [36.0, 36.0]
+    config.mask, config.mask_ratio = "random", 0.5
+    random = sample.make_masks(config, 3, 7, seed=0)
+    assert random.sum(axis=1).tolist() == [25.0] * 3 and len({tuple(r) for r in random}) == 3
+    uneven = np.stack([mask, masking.center_block_mask(7, 5)])
+    np.save(tmp_path / "uneven.npy", uneven)
+    config.mask = str(tmp_path / "uneven.npy")
+    with pytest.raises(ConfigError, match="same number of patches"):
+        sample.make_masks(config, 2, 7, seed=0)
+    config.mask = str(tmp_path / "missing.npy")
+    with pytest.raises(ConfigError, match="sample.mask"):
+        sample.make_masks(config, 2, 7, seed=0)

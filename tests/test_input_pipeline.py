@@ -135,3 +135,32 @@ def test_random_resized_crop_stays_in_bounds_and_in_scale():
         top, left, h, w = preprocess.random_resized_crop_box(rng, 28, 20, (0.2, 1.0))
         assert 0 <= top and top + h <= 28 and 0 <= left and left + w <= 20
         assert 0.2 * 560 * 0.8 <= h * w <= 560
+
+
+def test_an_image_folder_is_a_source_with_sorted_classes(tmp_path):
+    from PIL import Image
+
+    from maejax.config import base_config
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for cls in ("sandal", "boot"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "train" / "boot" / "notes.txt").write_text("not an image")
+    dataset = base_config().dataset
+    dataset.name, dataset.manual_dir = "image_folder", str(tmp_path)
+    train = data_sources.get_source(dataset, "train", 3)
+    val = data_sources.get_source(dataset, "val", 3)
+    assert (len(train), len(val), train.classes) == (12, 4, ["boot", "sandal"])
+    records = train.__getitems__([0, 11])
+    assert [r["label"] for r in records] == [0, 1] and records[0]["image"].shape == (20, 24, 3)
+    grey = data_sources.get_source(dataset, "train", 1).__getitems__([0])[0]["image"]
+    assert grey.shape == (20, 24, 1)
+    transform = input_pipeline.pretrain_transform(dataset, 16, 3)
+    batch = take(input_pipeline.TrainLoader(train, transform, seed=0, batch_size=4), 1)[0]
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+    with pytest.raises(UserError, match="a sub-folder"):
+        data_sources.get_source(dataset, "test", 3)

@@ -2,7 +2,8 @@
 
 - RandAugment 'rand-m9-mstd0.5-inc1': 2 ops per image from timm's
   "increasing" list, each applied with probability 0.5, magnitude drawn from
-  N(9, 0.5) clipped to [0, 10];
+  N(9, 0.5) clipped to [0, 10], bicubic resampling for geometric ops (MAE
+  passes interpolation='bicubic');
 - random erasing (prob 0.25, 'pixel' mode: normal noise in normalised units);
 - batch-mode mixup (alpha 0.8) / cutmix (alpha 1.0) with switch prob 0.5,
   mixing each batch with its reverse, and label smoothing folded into the targets.
@@ -26,7 +27,7 @@ def _fill(img: Image.Image):
 
 
 def _affine(img, rng, matrix):
-    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=_fill(img))
+    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=_fill(img))
 
 
 def _solarize_add(img, add: int, threshold: int = 128):
@@ -47,7 +48,7 @@ OPS = {
     "Equalize": lambda img, rng, level: ImageOps.equalize(img),
     "Invert": lambda img, rng, level: ImageOps.invert(img),
     "Rotate": lambda img, rng, level: img.rotate(
-        _sign(rng) * level / MAX_LEVEL * 30.0, resample=Image.BILINEAR, fillcolor=_fill(img)
+        _sign(rng) * level / MAX_LEVEL * 30.0, resample=Image.BICUBIC, fillcolor=_fill(img)
     ),
     # timm reaches 0 bits at level 10; PIL needs at least 1.
     "PosterizeIncreasing": lambda img, rng, level: ImageOps.posterize(

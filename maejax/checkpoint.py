@@ -105,6 +105,7 @@ class Checkpointer:
                 continue
             if skipped:
                 logging.warning("resumed from step %d after skipping damaged checkpoints %s", step, skipped)
+                self._discard(skipped)
             return step, restored["state"], dict(restored["data"])
         if steps:
             raise UserError(
@@ -112,6 +113,12 @@ class Checkpointer:
                 "move the directory away to start afresh"
             )
         return None
+
+    def _discard(self, steps) -> None:
+        """Delete damaged steps, so that the resumed run can save those steps again."""
+        for step in steps:
+            self.manager.delete(step)
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight (if any) is on disk."""
@@ -130,22 +137,27 @@ def abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _latest_state(checkpoints_dir: str):
-    """(step, state) of the newest checkpoint, restored onto this process's first device."""
+def _latest_params(checkpoints_dir: str):
+    """(step, params) of the newest checkpoint, as host NumPy arrays.
+
+    Only the parameter subtrees are read (`params`, and a linear probe's
+    `frozen` encoder), not the optimizer state: a fraction of the memory.
+    """
     manager = ocp.CheckpointManager(
         checkpoints_dir,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
     step = manager.latest_step()
     if step is None:
         return None, None
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    wanted = {k: metadata[k] for k in ("frozen", "params") if k in metadata}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    args = ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     manager.close()
-    return step, restored["state"]
+    return step, {**restored.get("frozen", {}), **restored["params"]}
 
 
 def load_params(path: str):
@@ -162,11 +174,9 @@ def load_params(path: str):
         return load_params_dir(params_dir), f"{params_dir}"
     checkpoints_dir = os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))
     if os.path.isdir(checkpoints_dir):
-        step, state = _latest_state(checkpoints_dir)
+        step, params = _latest_params(checkpoints_dir)
         if step is not None:
-            # A linear probe keeps its frozen encoder apart from the trained head.
-            params = {**state.get("frozen", {}), **state["params"]}
-            return jax.tree.map(np.asarray, params), f"{checkpoints_dir} step {step}"
+            return params, f"{checkpoints_dir} step {step}"
     raise UserError(
         f"{path!r} holds no params/ (from maejax.convert) and no checkpoints/ with a saved step: "
         "point it at a maejax workdir"

@@ -113,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def steps_per_epoch(config, num_train_examples: int) -> int:
+    """Whole batches per epoch: the loader drops the last partial one, as the official code."""
+    return max(num_train_examples // config.batch_size, 1)
+
+
 def total_steps(config, num_train_examples: int) -> int:
     """Optimizer updates for the run: `total_steps`, or `total_epochs` converted.
 
@@ -120,14 +125,14 @@ def total_steps(config, num_train_examples: int) -> int:
     """
     if config.total_steps is not None:
         return int(config.total_steps)
-    return math.ceil(config.total_epochs * num_train_examples / config.batch_size)
+    return math.ceil(config.total_epochs * steps_per_epoch(config, num_train_examples))
 
 
 def warmup_steps(config, num_train_examples: int) -> int:
     opt = config.optimizer
     if opt.warmup_steps is not None:
         return int(opt.warmup_steps)
-    return math.ceil((opt.warmup_epochs or 0.0) * num_train_examples / config.batch_size)
+    return math.ceil((opt.warmup_epochs or 0.0) * steps_per_epoch(config, num_train_examples))
 
 
 def learning_rate(config) -> float:

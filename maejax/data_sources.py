@@ -114,7 +114,31 @@ def tfds_builder(dataset_config):
             "array_record format)",
         )
     if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record", download_config=download_config)
+        builder = _prepare_once(builder, download_config, lambda: tfds_builder(dataset_config))
+    return builder
+
+
+def _prepare_once(builder, download_config, rebuild):
+    """Build the dataset on process 0 while the others wait, then open what it wrote.
+
+    Every process preparing into a shared data_dir at once would race; where
+    data_dir is local to each host, the others build their own copy after.
+    """
+    import jax
+
+    def prepare(b):
+        b.download_and_prepare(file_format="array_record", download_config=download_config)
+
+    if jax.process_index() == 0:
+        prepare(builder)
+    if jax.process_count() == 1:
+        return builder
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("maejax: dataset prepared")
+    builder = rebuild()
+    if not builder.is_prepared():
+        prepare(builder)
     return builder
 
 

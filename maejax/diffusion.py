@@ -157,7 +157,8 @@ def timestep_sequence(timesteps: int, steps: int) -> np.ndarray:
     """`steps` distinct timesteps from T-1 down to 0, evenly spaced (int32)."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
-    return np.unique(np.round(np.linspace(0, timesteps - 1, steps)).astype(np.int32))[::-1].copy()
+    # Spaced from T-1 down, so that even a single step starts from the noisiest t.
+    return np.unique(np.round(np.linspace(timesteps - 1, 0, steps)).astype(np.int32))[::-1].copy()
 
 
 def sample(

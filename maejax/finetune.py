@@ -251,21 +251,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.init_from != RANDOM_INIT:
         encoder, loaded = pretrained_encoder(config.init_from)
 
-    def init_variables():
+    # The pre-trained encoder is an argument of the jitted init, not a constant
+    # baked into its program (a ViT-H's weights would not fit in one).
+    def init_variables(encoder):
         variables = model.init({"params": base_key, "dropout": base_key}, jnp.zeros(image_shape), train=False)
         params = variables["params"]
         if encoder is not None:
             params = load_encoder(params, encoder, size // resolved.encoder.patch_size)
         return params, variables.get("batch_stats", {})
 
-    abstract_params, _ = jax.eval_shape(init_variables)
+    abstract_params, _ = jax.eval_shape(init_variables, encoder)
     trainable_shapes, _ = split_trainable(abstract_params, probe)
     tx, schedule = optim.build_optimizer(
         config, trainable_shapes, len(train_source), depth=resolved.encoder.depth
     )
 
-    def init():
-        params, stats = init_variables()
+    def init(encoder):
+        params, stats = init_variables(encoder)
         trainable, frozen = split_trainable(params, probe)
         return {
             "step": jnp.zeros((), jnp.int32),
@@ -276,10 +278,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         }
 
     # --- mesh, shard and checkpoint ----------------------------------------------------
-    abstract_state = jax.eval_shape(init)
+    abstract_state = jax.eval_shape(init, encoder)
     mesh, batch_sharding, state_shardings = loop.mesh_and_shardings(config, abstract_state)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    start_step, state, position, restored = loop.restore_or_init(ckpt, abstract_state, state_shardings, init)
+    start_step, state, position, restored = loop.restore_or_init(
+        ckpt, abstract_state, state_shardings, init, encoder
+    )
     writer = writers.Writer(workdir, enabled=is_main)
     writer.truncate_after(start_step)
     if is_main:

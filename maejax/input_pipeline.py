@@ -84,17 +84,17 @@ class TrainLoader:
     def make_batch(self, batch_index: int) -> dict:
         indices = batch_indices(self._seed, batch_index, self._batch_size, len(self._source))
         rows = range(self._rows.start, self._rows.stop)
-        records = self._source.__getitems__(indices[self._rows])
-        images = list(
-            self._pool.map(
-                lambda rec_row: self._transform(
-                    np.random.default_rng((self._seed, batch_index, rec_row[1])), rec_row[0]["image"]
-                ),
-                zip(records, rows, strict=True),
-            )
-        )
-        labels = np.asarray([r["label"] for r in records], np.int32)
-        return {"image": np.stack(images).astype(np.float32), "label": labels}
+
+        def load(index_row):
+            # Reading and decoding happen in the pool too: for JPEG datasets they cost the most.
+            index, row = index_row
+            record = self._source.__getitems__([index])[0]
+            rng = np.random.default_rng((self._seed, batch_index, row))
+            return self._transform(rng, record["image"]), record["label"]
+
+        examples = list(self._pool.map(load, zip(indices[self._rows], rows, strict=True)))
+        images = np.stack([image for image, _ in examples]).astype(np.float32)
+        return {"image": images, "label": np.asarray([label for _, label in examples], np.int32)}
 
     def _produce(self, batch_index: int) -> None:
         while not self._stop.is_set():

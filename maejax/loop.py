@@ -102,13 +102,13 @@ def start_run(config, workdir: str, model_names):
     return resolved
 
 
-def restore_or_init(ckpt, abstract_state, state_shardings, init_fn):
-    """(start_step, state, position, restored?) from the newest checkpoint, or a fresh state."""
+def restore_or_init(ckpt, abstract_state, state_shardings, init_fn, *init_args):
+    """(start_step, state, position, restored?) from the newest checkpoint, or init_fn(*init_args)."""
     restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings))
     if restored:
         start_step, state, position = restored
         return start_step, state, position, True
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    state = jax.jit(init_fn, out_shardings=state_shardings)(*init_args)
     return 0, state, {"next_batch": 0}, False
 
 

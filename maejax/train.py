@@ -5,6 +5,8 @@ config.task == 'pretrain'. Running it again on the same workdir resumes from
 the newest checkpoint, input position included.
 """
 
+import functools
+
 import jax
 import numpy as np
 
@@ -15,6 +17,7 @@ from maejax import (
     loop,
     models,
     optim,
+    sharding,
     train_step,
     visualize,
     writers,
@@ -24,10 +27,10 @@ from maejax import config as config_lib
 NUM_RECON_IMAGES = 8
 
 
-def recon_fn(model):
-    """jit-compiled (params, images, noise) -> model outputs used for pictures."""
+def recon_fn(model, mesh):
+    """jit-compiled (params, images, noise) -> model outputs used for pictures, on every process."""
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def reconstruct(params, images, noise):
         return model.apply({"params": params}, images, noise, method=model.reconstruct)
 
@@ -95,7 +98,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     recon_noise = np.asarray(
         jax.random.uniform(jax.random.key(config.seed + 1), (NUM_RECON_IMAGES, model.num_patches)), np.float32
     )
-    reconstruct = recon_fn(model)
+    reconstruct = recon_fn(model, mesh)
 
     def write_images(step, state):
         write_reconstructions(

@@ -76,6 +76,9 @@ def test_timestep_sequence_descends_over_the_whole_range():
     seq = diffusion.timestep_sequence(T, 50)
     assert seq[0] == T - 1 and seq[-1] == 0 and len(seq) == 50 and np.all(np.diff(seq) < 0)
     np.testing.assert_array_equal(diffusion.timestep_sequence(10, 10), np.arange(9, -1, -1))
+    np.testing.assert_array_equal(
+        diffusion.timestep_sequence(T, 1), [T - 1]
+    )  # one step starts from pure noise
 
 
 @pytest.mark.parametrize("sampler", diffusion.SAMPLERS)

@@ -183,6 +183,18 @@ def test_the_tasks_run_from_a_cli_pretraining_and_evaluate_every_test_image(
     assert [r["step"] for r in evals] == [6]
     assert evals[0]["eval_examples"] == 10000  # 10,000 = 156 batches of 64 + 16, padded
     assert 0.0 <= evals[0]["eval_top1"] <= evals[0]["eval_top5"] <= 1.0
+    # The same command with a longer schedule resumes (the state holds empty
+    # `frozen` / `batch_stats` groups when fine-tuning, full ones when probing).
+    again = run_maejax(
+        f"--config=configs/{task}_fmnist.py",
+        f"--workdir={tmp_path}",
+        *overrides,
+        f"--config.init_from={pretrained_workdir}",
+        "--config.eval_every_steps=6",
+        "--config.total_steps=8",
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step 6 (input batch 6)" in again.stdout
     if task == "linprobe":
         assert 0.0 < [r for r in logged if "knn_top1" in r][0]["knn_top1"] <= 1.0
         # the encoder stayed frozen

@@ -41,8 +41,9 @@ def test_epochs_convert_to_steps_in_one_place():
     config = config_lib.base_config()
     config.batch_size, config.total_epochs, config.optimizer.warmup_epochs = 4096, 800.0, 40.0
     n = 1281167
-    assert config_lib.total_steps(config, n) == math.ceil(800 * n / 4096)
-    assert config_lib.warmup_steps(config, n) == math.ceil(40 * n / 4096)
+    # 312 whole batches per epoch (the last partial batch is dropped, as the official loader).
+    assert config_lib.total_steps(config, n) == 800 * 312 == 249_600
+    assert config_lib.warmup_steps(config, n) == 40 * 312
 
 
 def mae_params(cfg=TINY):

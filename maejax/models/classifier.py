@@ -59,7 +59,7 @@ class Classifier(nn.Module):
             self.encoder_spec,
             self.image_size,
             drop_path=self.drop_path,
-            learned_pos=not self.probe,
+            learned_pos=True,  # frozen with the encoder in a probe; a fine-tuned table loads as is
             final_norm=self.pool == "cls",
             dtype=self.dtype,
             remat=self.remat,

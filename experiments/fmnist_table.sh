@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The small-scale analogue of the MAE paper's Table 3 on Fashion-MNIST (CPU, about an hour).
+# The small-scale analogue of the MAE paper's Table 3 on Fashion-MNIST (CPU, about 75 minutes).
 # Not part of the tests. Writes workdirs/table/*, docs/fmnist_curves.png and prints the table.
 #
 #   experiments/fmnist_table.sh            # from the repository root, after `make demo`

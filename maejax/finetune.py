@@ -314,18 +314,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     hooks = [loop.Hook(config.eval_every_steps, run_eval)]
     if probe:  # the frozen encoder's kNN accuracy, for comparison with the probe
         features = lambda params, images: model.apply({"params": params}, images, method=model.features)  # noqa: E731
-        knn = loop.knn_hook(
-            config,
-            features,
-            mesh,
-            batch_sharding,
-            train_source,
-            eval_source,
-            eval_transform,
-            resolved.num_classes,
-            every=None,
+        hooks.append(
+            loop.knn_hook(config, features, batch_sharding, train_source, eval_source, eval_transform)
         )
-        hooks.append(knn)
 
     return loop.run(
         config=config,

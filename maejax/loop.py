@@ -213,17 +213,17 @@ def mesh_and_shardings(config, abstract_state):
     return mesh, sharding.batch_sharding(mesh), sharding.tree_shardings(abstract_state, mesh)
 
 
-def knn_hook(
-    config, features_apply, mesh, batch_sharding, train_source, eval_source, transform, num_classes, every
-):
+def knn_hook(config, features_apply, batch_sharding, train_source, eval_source, transform, every=None):
     """A Hook logging `knn_top1` of the frozen features on config.knn's labelled subsets.
 
     features_apply: (params, images) -> (B, D) features; the hook's fn takes the
     train state and reads state["params"] (plus state["frozen"] when present).
+    every: steps between runs (None: only at the end).
     """
     from maejax import evaluate
 
-    replicated = sharding.replicated(mesh)
+    replicated = sharding.replicated(batch_sharding.mesh)
+    num_classes = train_source.num_classes
     micro = config.batch_size // config.grad_accum_steps
 
     @jax.jit

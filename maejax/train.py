@@ -111,19 +111,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             {"params": params}, images, config.knn.pool, method=model.features
         )
         eval_transform = input_pipeline.eval_transform(config.dataset, size, channels)
-        hooks.append(
-            loop.knn_hook(
-                config,
-                features,
-                mesh,
-                batch_sharding,
-                train_source,
-                eval_source,
-                eval_transform,
-                train_source.num_classes,
-                config.knn_every_steps,
-            )
+        knn = loop.knn_hook(
+            config,
+            features,
+            batch_sharding,
+            train_source,
+            eval_source,
+            eval_transform,
+            config.knn_every_steps,
         )
+        hooks.append(knn)
 
     # --- loop ------------------------------------------------------------------
     return loop.run(

@@ -88,7 +88,14 @@ def pretrained_workdir(tmp_path_factory, tfds_dir):
     """A tiny MAE pre-trained 100 steps by the CLI; later tests read it, never write it."""
     workdir = str(tmp_path_factory.mktemp("pretrained"))
     overrides = cli_overrides(
-        tfds_dir, total_steps=100, log_every_steps=10, image_every_steps=50, checkpoint_every_steps=50
+        tfds_dir,
+        total_steps=100,
+        log_every_steps=10,
+        image_every_steps=50,
+        checkpoint_every_steps=50,
+        knn_every_steps=50,  # the pre-training kNN monitor, on small labelled subsets
+        knn__num_train=1000,
+        knn__num_eval=500,
     )
     result = subprocess.run(
         [

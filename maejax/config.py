@@ -12,6 +12,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from maejax import input_pipeline
 from maejax.models import model_config
 
 TASKS = ("pretrain", "finetune", "linprobe", "sample")
@@ -59,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.flip = True
     c.dataset.prefetch = 2  # batches prepared ahead by a background thread
     c.dataset.num_threads = 8  # threads decoding and augmenting examples
+    # image_folder: an unreadable image stops the run naming it ('error'), or is
+    # replaced by the next readable one with a warning naming it ('skip').
+    c.dataset.bad_images = "error"
+    c.dataset.check_images = False  # image_folder: open every image at start, listing the unreadable ones
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # 'adamw' | 'lars'
@@ -113,26 +118,28 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def steps_per_epoch(config, num_train_examples: int) -> int:
-    """Whole batches per epoch: the loader drops the last partial one, as the official code."""
-    return max(num_train_examples // config.batch_size, 1)
-
-
 def total_steps(config, num_train_examples: int) -> int:
     """Optimizer updates for the run: `total_steps`, or `total_epochs` converted.
 
     The one place epochs become steps (rounded up, so no epoch is cut short).
+
+    Raises:
+      ConfigError: `batch_size` exceeds `num_train_examples` (input_pipeline.steps_per_epoch).
     """
     if config.total_steps is not None:
         return int(config.total_steps)
-    return math.ceil(config.total_epochs * steps_per_epoch(config, num_train_examples))
+    return math.ceil(
+        config.total_epochs * input_pipeline.steps_per_epoch(num_train_examples, config.batch_size)
+    )
 
 
 def warmup_steps(config, num_train_examples: int) -> int:
+    """Warm-up updates: `optimizer.warmup_steps`, or `optimizer.warmup_epochs` converted (rounded up)."""
     opt = config.optimizer
     if opt.warmup_steps is not None:
         return int(opt.warmup_steps)
-    return math.ceil((opt.warmup_epochs or 0.0) * steps_per_epoch(config, num_train_examples))
+    per_epoch = input_pipeline.steps_per_epoch(num_train_examples, config.batch_size)
+    return math.ceil((opt.warmup_epochs or 0.0) * per_epoch)
 
 
 def learning_rate(config) -> float:
@@ -148,9 +155,9 @@ def with_resolved_model(config) -> ml_collections.ConfigDict:
     return out
 
 
-def write_config_json(config, workdir: str) -> str:
+def write_config_json(config, workdir: str, filename: str = "config.json") -> str:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, filename)
     with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(path + ".tmp", path)

@@ -14,8 +14,11 @@ emits them so the file loads in the official code.
 
 import dataclasses
 import logging
+import os
 import re
+import struct
 import sys
+import zipfile
 
 import numpy as np
 
@@ -271,6 +274,11 @@ def params_to_torch(params, config_model) -> dict:
     return out
 
 
+# How torch.load(weights_only=True) begins its message when it refuses a pickle
+# that needs code, as opposed to one it cannot parse at all.
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+
+
 def load_torch_checkpoint(path: str) -> dict:
     """Load a .pth without running code: torch.load(weights_only=True).
 
@@ -281,13 +289,34 @@ def load_torch_checkpoint(path: str) -> dict:
 
     import torch
 
+    if not os.path.isfile(path):
+        raise WeightsError(f"--torch_checkpoint={path}: no such file")
     try:
-        return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if WEIGHTS_ONLY_REFUSAL not in str(e):
+            raise not_a_checkpoint(path, e) from None
         raise WeightsError(
             f"refusing to load {path}: it needs arbitrary code to unpickle, which maejax never "
-            f"runs (torch.load weights_only=True said: {str(e).splitlines()[0]})"
+            f"runs (torch.load weights_only=True said: {first_line(e)})"
         ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, struct.error, zipfile.BadZipFile) as e:
+        # How torch reports a cut-off zip archive (OSError, RuntimeError), a cut-off
+        # legacy pickle (RuntimeError, EOFError, struct.error) or another file (KeyError).
+        raise not_a_checkpoint(path, e) from None
+    return unwrap_state_dict(checkpoint)
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def not_a_checkpoint(path: str, error: Exception) -> WeightsError:
+    size = os.path.getsize(path)
+    return WeightsError(
+        f"cannot read {path} ({size} bytes): it is truncated or not a PyTorch checkpoint "
+        f"(torch.load said: {type(error).__name__}: {first_line(error)})"
+    )
 
 
 def main(argv) -> None:

@@ -18,7 +18,10 @@ A dataset already prepared as TFRecord can be converted in place with
 `tfds convert_format --dataset_dir=... --out_file_format=array_record`.
 """
 
+import json
+import logging
 import os
+import threading
 import urllib.parse
 
 import numpy as np
@@ -164,52 +167,242 @@ class TfdsSource:
         ]
 
 
+BAD_IMAGE_POLICIES = ("error", "skip")
+CLASSES_FILE = "classes.json"
+# How many unreadable files a refusal names before it says "and N more".
+MAX_NAMED_FILES = 10
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, corrupt) or has no 8-bit meaning."""
+
+
+def is_hidden(name: str) -> bool:
+    # `.ipynb_checkpoints`, `.DS_Store`, macOS `._x.jpg` forks: never classes or images.
+    return name.startswith(".")
+
+
+def class_names(folder: str) -> list:
+    """The sorted, non-hidden sub-folders of `folder`."""
+    return sorted(
+        d for d in os.listdir(folder) if not is_hidden(d) and os.path.isdir(os.path.join(folder, d))
+    )
+
+
+def image_files(folder: str) -> list:
+    """The sorted, non-hidden image files directly under `folder`."""
+    return sorted(f for f in os.listdir(folder) if not is_hidden(f) and f.endswith(IMAGE_EXTENSIONS))
+
+
+def split_folder(root: str | None, split: str, train_split: str = "train") -> str:
+    """`root/<split>`, or `root` itself for the training split when it has no such sub-folder."""
+    if not root or not os.path.isdir(root):
+        raise ConfigError("dataset.manual_dir", root, "an existing folder of <class>/<image> sub-folders")
+    folder = os.path.join(root, split)
+    if os.path.isdir(folder):
+        return folder
+    if split != train_split:
+        raise ConfigError("dataset split", split, f"a sub-folder of {root}")
+    return root
+
+
+def abbreviated(names: list, limit: int = 20) -> str:
+    """`names` for a one-line message: a thousand ImageNet classes would bury the point."""
+    if len(names) <= limit:
+        return str(names)
+    return f"{names[:limit]} ... ({len(names)} in all)"
+
+
+def check_split_classes(folder: str, classes: list, known: list) -> None:
+    """Refuse a split with a class the training split lacks: its label would mean nothing."""
+    unknown = sorted(set(classes) - set(known))
+    if unknown:
+        raise UserError(
+            f"{folder} has class folders {unknown} that the training split does not have; "
+            f"labels come from the training split's classes {abbreviated(known)}: rename or remove them"
+        )
+
+
+def check_classes(workdir: str, classes: list | None) -> None:
+    """Save the training classes as WORKDIR/classes.json, or refuse when they changed since.
+
+    Labels are positions in this list: a checkpoint trained on one list scores
+    a folder with another against the wrong labels. `classes=None` (a tfds
+    source, whose labels are fixed by the dataset) does nothing.
+    """
+    if classes is None:
+        return
+    path = os.path.join(workdir, CLASSES_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if list(saved) != list(classes):
+            added, missing = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
+            change = f"added {added}, missing {missing}" if added or missing else "the same names, reordered"
+            raise UserError(
+                f"the training folder's classes differ from the {len(saved)} saved in {path} when this "
+                f"run started ({change}): labels would change meaning; restore the folder or use a new "
+                "workdir"
+            )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    # Every process may get here first: each writes its own temporary file and
+    # renames it atomically, so a reader never sees a partial list.
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(list(classes), f, indent=1)
+    os.replace(tmp, path)
+
+
+def eight_bit(img):
+    """`img` in an 8-bit mode: 16-bit greyscale scaled to 0-255 rather than clipped.
+
+    PIL's `convert('L')` clips 16-bit values at 255, which turns a 16-bit PNG
+    almost all white. 16-bit greyscale opens as 'I;16*' (or 'I' in older
+    Pillows): its 0-65535 range is divided by 257. 16-bit RGB PNGs already
+    open as 8-bit 'RGB' (PIL keeps the high byte of each sample).
+    """
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        pixels = np.asarray(img, dtype=np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise UnreadableImage(f"mode {img.mode!r} with values outside 0-65535: not an 8- or 16-bit image")
+        return Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
+    if img.mode == "F":
+        raise UnreadableImage("floating-point pixels (mode 'F') have no 8-bit meaning")
+    return img
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+    """(H, W, channels) uint8 pixels of an image file; UnreadableImage when it cannot be decoded."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(path) as img:
+            img.load()  # decoding is lazy: make a truncated file fail here, inside the try
+            image = np.asarray(eight_bit(img).convert(mode))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # PIL reports a damaged file as any of these, naming no file.
+        raise UnreadableImage(str(e) or type(e).__name__) from e
+    return image.reshape(image.shape[:2] + (channels,))
+
+
 class ImageFolderSource:
     """`root/<split>/<class>/<image>` (or `root/<class>/<image>` for the train split).
 
-    Labels are the sorted class-folder names' positions; files are listed
-    once, sorted, so every process sees the same order.
+    Labels are positions in one class list for every split: the training
+    split's sorted class folders (hidden ones ignored). A split with a class
+    the training split lacks is refused. Files are listed once, sorted, so
+    every process sees the same order.
+
+    An unreadable image raises a UserError naming it (bad_images='error'), or
+    (bad_images='skip') is replaced by the next readable example, with one
+    warning per file: a substitute that depends only on the folder keeps every
+    batch a pure function of (seed, batch index), so resume stays exact.
     """
 
-    def __init__(self, root: str | None, split: str, channels: int = 3):
-        if not root or not os.path.isdir(root):
-            raise ConfigError("dataset.manual_dir", root, "an existing folder of <class>/<image> sub-folders")
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            if split != "train":
-                raise ConfigError("dataset split", split, f"a sub-folder of {root}")
-            folder = root
-        self.classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    def __init__(
+        self,
+        root: str | None,
+        split: str,
+        channels: int = 3,
+        *,
+        train_split: str = "train",
+        bad_images: str = "error",
+        check_images: bool = False,
+    ):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ConfigError("dataset.bad_images", bad_images, f"one of {list(BAD_IMAGE_POLICIES)}")
+        train_folder = split_folder(root, train_split, train_split)
+        self.classes = class_names(train_folder)
+        folder = split_folder(root, split, train_split)
+        split_classes = class_names(folder)
+        check_split_classes(folder, split_classes, self.classes)
+        label_of = {c: i for i, c in enumerate(self.classes)}
         self.files = [
-            (os.path.join(folder, c, f), label)
-            for label, c in enumerate(self.classes)
-            for f in sorted(os.listdir(os.path.join(folder, c)))
-            if f.endswith(IMAGE_EXTENSIONS)
+            (os.path.join(folder, c, f), label_of[c])
+            for c in split_classes
+            for f in image_files(os.path.join(folder, c))
         ]
         if not self.files:
             raise ConfigError("dataset.manual_dir", root, f"needs images under {folder}/<class>/")
+        self.folder = folder
         self.num_classes = len(self.classes)
         self.channels = channels
+        self.bad_images = bad_images
+        self._unreadable: dict = {}  # path -> reason, each warned about once
+        self._lock = threading.Lock()
+        if check_images:
+            self.check_all()
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitems__(self, indices) -> list:
-        from PIL import Image
+    def _note_unreadable(self, path: str, reason: str) -> None:
+        with self._lock:
+            first_time = path not in self._unreadable
+            self._unreadable[path] = reason
+        if first_time:
+            logging.warning(
+                "skipping unreadable image %s (%s): using the next readable one instead", path, reason
+            )
 
-        mode = "L" if self.channels == 1 else "RGB"
-        out = []
-        for i in indices:
-            path, label = self.files[i]
-            with Image.open(path) as img:
-                image = np.asarray(img.convert(mode))
-            out.append({"image": image.reshape(image.shape[:2] + (self.channels,)), "label": label})
-        return out
+    def _read(self, index: int) -> dict:
+        path, label = self.files[index]
+        return {"image": read_image(path, self.channels), "label": label}
+
+    def read_or_substitute(self, index: int) -> dict:
+        """Example `index`, or under bad_images='skip' the next readable one (wrapping around)."""
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            path = self.files[i][0]
+            if path in self._unreadable:
+                continue
+            try:
+                return self._read(i)
+            except UnreadableImage as e:
+                if self.bad_images == "error":
+                    raise UserError(
+                        f"cannot read image {path}: {e}; remove or replace it, or set "
+                        "config.dataset.bad_images='skip' to use the next readable image in its place"
+                    ) from None
+                self._note_unreadable(path, str(e))
+        raise UserError(f"none of the {len(self.files)} images under {self.folder} can be read")
+
+    def __getitems__(self, indices) -> list:
+        return [self.read_or_substitute(int(i)) for i in indices]
+
+    def check_all(self) -> None:
+        """Open every image now; refuse naming the unreadable ones (bad_images='error') or warn."""
+        bad = []
+        for path, _ in self.files:
+            try:
+                read_image(path, self.channels)
+            except UnreadableImage as e:
+                bad.append(f"{path} ({e})")
+                if self.bad_images == "skip":
+                    self._note_unreadable(path, str(e))
+        if bad and self.bad_images == "error":
+            named = "; ".join(bad[:MAX_NAMED_FILES])
+            more = f" and {len(bad) - MAX_NAMED_FILES} more" if len(bad) > MAX_NAMED_FILES else ""
+            raise UserError(
+                f"{len(bad)} of {len(self.files)} images cannot be read: {named}{more}; "
+                "remove or replace them, or set config.dataset.bad_images='skip'"
+            )
 
 
 def get_source(dataset_config, split: str, channels: int = 3):
     if dataset_config.name == "image_folder":
-        return ImageFolderSource(dataset_config.manual_dir, split, channels)
+        return ImageFolderSource(
+            dataset_config.manual_dir,
+            split,
+            channels,
+            train_split=dataset_config.train_split,
+            bad_images=dataset_config.get("bad_images", "error"),
+            check_images=bool(dataset_config.get("check_images", False)),
+        )
     return TfdsSource(dataset_config, split)
 
 

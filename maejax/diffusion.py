@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The one list of each choice: config validation (validate.py, models/model_config.py) imports these.
 SCHEDULES = ("linear", "cosine", "linear_pow")
 SAMPLERS = ("ddpm", "ddim", "renoise")
 COSINE_OFFSET = 0.008
@@ -76,11 +77,6 @@ class Schedule(NamedTuple):
 def make_schedule(name: str, timesteps: int, beta_start=1e-4, beta_end=0.02, rho=0.8) -> Schedule:
     betas = betas_for(name, timesteps, beta_start, beta_end, rho)
     return Schedule(betas, np.cumprod(1.0 - betas))
-
-
-def schedule_from_config(diffusion_config) -> Schedule:
-    d = diffusion_config
-    return make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end, d.rho)
 
 
 def _expand(values, like):

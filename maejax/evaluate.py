@@ -1,4 +1,4 @@
-"""Evaluation metrics: reconstruction quality of inpainting; classification accuracy and kNN.
+"""Evaluation metrics: reconstruction quality of inpainting; kNN accuracy of frozen features.
 
 Image metrics take pixels in [0, 1] of shape (N, H, W, C) and a pixel mask of
 the same shape (1 = masked, i.e. the region that was predicted).
@@ -50,12 +50,6 @@ def sample_diversity(samples, pixel_mask) -> float:
     """
     spread = np.std(samples, axis=0)
     return float((spread * pixel_mask).sum() / max(pixel_mask.sum(), 1))
-
-
-def topk_correct(logits, labels, k: int) -> np.ndarray:
-    """(B,) 1.0 where the label is among the k highest logits."""
-    top = np.argsort(-np.asarray(logits), axis=-1)[:, :k]
-    return (top == np.asarray(labels)[:, None]).any(axis=-1).astype(np.float64)
 
 
 def knn_top1(

@@ -21,22 +21,40 @@ import jax
 import numpy as np
 
 from maejax import data_sources, preprocess
+from maejax.errors import ConfigError
+
+# Mixed into the epoch-order seed (seed, epoch, salt): keeps the permutation
+# stream apart from the per-example augmentation streams seeded (seed, batch, row).
+EPOCH_ORDER_SALT = 0x5EED
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Whole batches per epoch: the last partial batch is dropped, as the official loader does.
+
+    The one definition: the loader's epoch order and the epochs-to-steps conversion
+    (config.total_steps, config.warmup_steps) both use it.
+
+    Raises:
+      ConfigError: `batch_size` exceeds `num_examples`, so an epoch would hold no batch.
+    """
+    check_batch_fits(batch_size, num_examples)
     return num_examples // batch_size
 
 
 @functools.lru_cache(maxsize=2)
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    return np.random.default_rng((seed, epoch, 0x5EED)).permutation(num_examples)
+    return np.random.default_rng((seed, epoch, EPOCH_ORDER_SALT)).permutation(num_examples)
+
+
+def check_batch_fits(batch_size: int, num_examples: int) -> None:
+    """Refuse a batch larger than the training split: an epoch would have no batch at all."""
+    if batch_size > num_examples:
+        raise ConfigError("batch_size", batch_size, f"must not exceed the {num_examples} training examples")
 
 
 def batch_indices(seed: int, batch_index: int, batch_size: int, num_examples: int) -> np.ndarray:
     """The dataset indices of global training batch `batch_index`, (batch_size,)."""
-    per_epoch = steps_per_epoch(num_examples, batch_size)
-    if per_epoch < 1:
-        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+    per_epoch = steps_per_epoch(num_examples, batch_size)  # refuses a batch larger than the dataset
     epoch, j = divmod(batch_index, per_epoch)
     return epoch_permutation(seed, epoch, num_examples)[j * batch_size : (j + 1) * batch_size]
 
@@ -69,6 +87,8 @@ class TrainLoader:
         prefetch: int = 2,
         num_threads: int = 4,
     ):
+        # Before the thread starts: the refusal surfaces here, not at the first step.
+        check_batch_fits(batch_size, len(source))
         self._source = source
         self._transform = transform
         self._seed = seed
@@ -119,7 +139,11 @@ class TrainLoader:
         index, batch = self._queue.get()
         if isinstance(batch, Exception):
             raise batch
-        assert index == self.position, (index, self.position)
+        if index != self.position:  # a bug in the producer, never bad input: not an assert (python -O)
+            raise RuntimeError(
+                f"the input pipeline produced batch {index} where batch {self.position} was due; "
+                "batches would no longer be a function of (seed, position)"
+            )
         self.position += 1
         return batch
 

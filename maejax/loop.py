@@ -1,7 +1,8 @@
 """The step loop every training task shares: resume, step, log, hooks, checkpoint, preempt.
 
-Pre-training (train.py) and fine-tuning / linear probing (finetune.py) build
-their state, step function and input, then hand them to `run`.
+Pre-training (train.py) and fine-tuning / linear probing (finetune.py) start
+through task.py (validation, workdir, state), build their step function and
+input, then hand them to `run`.
 """
 
 import dataclasses
@@ -12,9 +13,8 @@ from collections.abc import Callable
 
 import jax
 
-from maejax import checkpoint, input_pipeline, sharding, validate, writers
-from maejax import config as config_lib
-from maejax.errors import ConfigError, UserError
+from maejax import input_pipeline, sharding, writers
+from maejax.errors import UserError
 
 
 class TrainingDiverged(UserError):
@@ -85,63 +85,26 @@ class Hook:
         return final or (self.every is not None and step % self.every == 0)
 
 
-def start_run(config, workdir: str, model_names):
-    """Validate the config (before anything compiles) and write WORKDIR/config.json.
+def run(task, run, *, step_fn, loader, make_batch: Callable, total_steps: int, hooks: list) -> dict:
+    """Train `run.state` from `run.start_step` to `total_steps`; returns the last logged metrics.
 
-    Returns the resolved config.model; raises ConfigError when the task needs
-    another kind of model.
+    task: the task.Task (config, workdir, lease); run: the task.Run (state,
+    checkpointer, writer). make_batch: host-local loader output -> dict of host
+    arrays for step_fn.
     """
-    resolved = validate.validate(config, jax.device_count(), jax.process_count())
-    if resolved.name not in model_names:
-        raise ConfigError(
-            "model.name", resolved.name, f"task '{config.task}' needs one of {list(model_names)}"
-        )
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        config_lib.write_config_json(config_lib.with_resolved_model(config), workdir)
-    return resolved
-
-
-def restore_or_init(ckpt, abstract_state, state_shardings, init_fn, *init_args):
-    """(start_step, state, position, restored?) from the newest checkpoint, or init_fn(*init_args)."""
-    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-    if restored:
-        start_step, state, position = restored
-        return start_step, state, position, True
-    state = jax.jit(init_fn, out_shardings=state_shardings)(*init_args)
-    return 0, state, {"next_batch": 0}, False
-
-
-def run(
-    *,
-    config,
-    workdir: str,
-    state,
-    step_fn,
-    loader,
-    batch_sharding,
-    make_batch: Callable,
-    ckpt,
-    writer,
-    total_steps: int,
-    start_step: int,
-    restored: bool,
-    hooks: list,
-):
-    """Train from `start_step` to `total_steps`; returns the last logged metrics.
-
-    make_batch: host-local loader output -> dict of host arrays for step_fn.
-    """
-    is_main = jax.process_index() == 0
-    progress = writers.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
-    resumed = f"resuming at step {start_step} (input batch {loader.position})" if restored else "from scratch"
+    config, workdir, ckpt, writer = task.config, task.workdir, run.ckpt, run.writer
+    state, start_step = run.state, run.start_step
+    progress = writers.Progress(total_steps, config.batch_size, start_step, enabled=task.is_main)
+    resumed = (
+        f"resuming at step {start_step} (input batch {loader.position})" if run.restored else "from scratch"
+    )
     progress.print(f"training {total_steps} steps, {resumed}; workdir {os.path.abspath(workdir)}")
     last_saved = ckpt.all_steps()[-1] if ckpt.all_steps() else None
     last, step = {}, start_step
     with PreemptionWatcher(ckpt, jax.process_count() == 1) as preemption:
         try:
             while step < total_steps:
-                batch = input_pipeline.to_global(make_batch(next(loader)), batch_sharding)
+                batch = input_pipeline.to_global(make_batch(next(loader)), run.batch_sharding)
                 state, metrics = step_fn(state, batch)
                 step += 1
                 final = step == total_steps
@@ -166,6 +129,7 @@ def run(
                     check_finite(
                         {"param_norm": float(jax.device_get(metrics["param_norm"]))}, step, last_saved
                     )
+                    task.lease.check()  # another run took the workdir: write nothing more
                     ckpt.save(step, state, {"next_batch": loader.position})
                     last_saved = step
                 if preempted and not final:
@@ -206,11 +170,6 @@ def train_loader(config, source, transform, position: dict):
         prefetch=config.dataset.prefetch,
         num_threads=config.dataset.num_threads,
     )
-
-
-def mesh_and_shardings(config, abstract_state):
-    mesh = sharding.make_mesh(config.mesh)
-    return mesh, sharding.batch_sharding(mesh), sharding.tree_shardings(abstract_state, mesh)
 
 
 def knn_hook(config, features_apply, batch_sharding, train_source, eval_source, transform, every=None):

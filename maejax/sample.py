@@ -26,16 +26,20 @@ from maejax import (
     input_pipeline,
     models,
     preprocess,
+    train_step,
     visualize,
     writers,
 )
-from maejax import config as config_lib
-from maejax import validate as validate_lib
+from maejax import task as task_lib
 from maejax.errors import ConfigError, UserError
 from maejax.models import masking
 
 TRAJECTORY_SNAPSHOTS = 5
 GRID_ROWS = 8
+MODEL_NAMES = ("diffmae",)
+METRICS_FILE = "sample_metrics.json"
+# Separates the random inpainting masks' stream from every other use of the seed.
+MASK_RNG_SALT = 0xA5C
 
 
 def make_masks(sample_config, num_images: int, grid: int, seed: int) -> np.ndarray:
@@ -44,7 +48,7 @@ def make_masks(sample_config, num_images: int, grid: int, seed: int) -> np.ndarr
     kind = sample_config.mask
     if kind == "random":
         masked = num_patches - masking.num_visible(num_patches, sample_config.mask_ratio)
-        rng = np.random.default_rng((seed, 0xA5C))
+        rng = np.random.default_rng((seed, MASK_RNG_SALT))
         masks = np.zeros((num_images, num_patches), np.float32)
         for row in masks:
             row[rng.permutation(num_patches)[:masked]] = 1.0
@@ -121,15 +125,19 @@ def _pixels(model, params, encoded, masked_patches, mean, std):
     return preprocess.denormalize(images, mean, std)
 
 
-def mae_prediction(workdir: str, images, noise, mean, std):
+def load_mae(workdir: str):
+    """(model, params) of the MAE workdir to compare against, checked before any sampling."""
+    mae_model = task_lib.source_model(workdir, "mae", "config.compare_mae_from")
+    if mae_model is None:
+        raise UserError(f"config.compare_mae_from={workdir!r} has no config.json: point it at an MAE workdir")
+    mae = models.build_model(mae_model)
+    params, loaded = checkpoint.load_params(workdir)
+    task_lib.check_params_match(params, abstract_params(mae), loaded)
+    return mae, params
+
+
+def mae_prediction(mae, params, images, noise, mean, std):
     """MAE's reconstruction (visible pixels pasted in) of the same images under the same masks."""
-    mae_config = config_lib.read_config_json(workdir)
-    if mae_config.model.name != "mae":
-        raise ConfigError(
-            "compare_mae_from", workdir, f"an MAE workdir (its model is {mae_config.model.name!r})"
-        )
-    mae = models.build_model(mae_config.model)
-    params, _ = checkpoint.load_params(workdir)
     masked = int(np.asarray(noise >= 1.0).sum(axis=1)[0])
     mae = with_mask_count(mae, masked)
     out = jax.jit(lambda p: mae.apply({"params": p}, images, noise, method=mae.reconstruct))(params)
@@ -138,20 +146,40 @@ def mae_prediction(workdir: str, images, noise, mean, std):
     return preprocess.denormalize(np.asarray(images * (1 - pixel_mask) + recon * pixel_mask), mean, std)
 
 
+def load_diffmae(task, model):
+    """The DiffMAE params to sample from (WORKDIR or config.init_from), checked against the config."""
+    source_dir = task.config.init_from or task.workdir
+    task_lib.source_model(source_dir, "diffmae", "config.init_from" if task.config.init_from else "--workdir")
+    params, loaded = checkpoint.load_params(source_dir)
+    if "decoder" not in params:
+        raise UserError(f"{loaded} holds encoder weights only; sampling needs the DiffMAE decoder")
+    task_lib.check_params_match(params, abstract_params(model), loaded)
+    return params, loaded
+
+
+def abstract_params(model):
+    """The shapes and dtypes of `model`'s params, computed without allocating them."""
+    shape = (1, model.image_size, model.image_size, model.in_channels)
+    return jax.eval_shape(lambda: train_step.init_params(model, jax.random.key(0), shape))
+
+
 def run(config, workdir: str) -> dict:
     """The sample task; returns the metrics it wrote to WORKDIR/sample_metrics.json."""
-    resolved = validate_lib.validate(config, jax.device_count(), jax.process_count())
-    if resolved.name != "diffmae":
-        raise ConfigError("model.name", resolved.name, "the sample task needs a 'diffmae' model")
+    with task_lib.begin(config, workdir, MODEL_NAMES) as task:
+        return _sample(task)
+
+
+def _sample(task) -> dict:
+    config, resolved = task.config, task.model
     model = models.build_model(resolved)
     if config.sample.steps > model.timesteps:
         raise ConfigError(
             "sample.steps", config.sample.steps, f"at most model.diffusion.timesteps={model.timesteps}"
         )
-    source_dir = config.init_from or workdir
-    params, loaded = checkpoint.load_params(source_dir)
-    if "decoder" not in params:
-        raise UserError(f"{loaded} holds encoder weights only; sampling needs the DiffMAE decoder")
+    # Every input is checked before the sampler compiles.
+    params, loaded = load_diffmae(task, model)
+    mae = load_mae(config.compare_mae_from) if config.compare_mae_from else None
+    task_lib.record_config(task, filename=task_lib.SAMPLE_CONFIG_FILE)
 
     channels, size = resolved.in_channels, resolved.image_size
     mean, std = data_sources.normalization(config.dataset, channels)
@@ -182,8 +210,8 @@ def run(config, workdir: str) -> dict:
         "diversity": evaluate.sample_diversity(samples, pixel_mask),
     }
     columns = [truth, truth * (1 - pixel_mask) + 0.5 * pixel_mask]
-    if config.compare_mae_from:
-        mae = mae_prediction(config.compare_mae_from, images, noise, mean, std)
+    if mae is not None:
+        mae = mae_prediction(*mae, images, noise, mean, std)
         metrics["psnr_mae"] = float(evaluate.psnr_masked(mae, truth, pixel_mask).mean())
         metrics["hf_ratio_mae"] = evaluate.high_frequency_ratio(mae, truth, pixel_mask)
         # How close DiffMAE's t = T prediction is to MAE's reconstruction itself.
@@ -208,13 +236,15 @@ def run(config, workdir: str) -> dict:
         + " | x0 trajectory of sample 0 at steps "
         + ", ".join(str(int(i)) for i in snapshots)
     )
-    if jax.process_index() == 0:
+    if task.is_main:
+        workdir = task.workdir
         writer = writers.Writer(workdir)
         rows = [np.asarray(c)[:GRID_ROWS] for c in columns]  # metrics use every image
         path = writer.write_image(0, name, visualize.grid(rows), f"{name}.png")
         writer.close()
-        with open(os.path.join(workdir, "sample_metrics.json"), "w") as f:
+        metrics_path = os.path.join(workdir, METRICS_FILE)
+        with open(metrics_path, "w") as f:
             json.dump({**metrics, **info, "image": path}, f, indent=2)
         print(json.dumps(metrics))
-        print(f"wrote {path} ({info['grid_columns']}) and {os.path.join(workdir, 'sample_metrics.json')}")
+        print(f"wrote {path} ({info['grid_columns']}) and {metrics_path}")
     return metrics

@@ -7,6 +7,8 @@ least `MIN_SHARDED_SIZE` elements is split along its largest dimension that
 fsdp=1 (the default) this is plain data parallelism.
 """
 
+import logging
+
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -44,7 +46,18 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     shape = mesh_shape(mesh_config, len(devices))
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, AssertionError, NotImplementedError):
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        # Still correct, but devices in plain order may put neighbours in the
+        # mesh far apart in the interconnect: slower collectives, so say so.
+        logging.warning(
+            "mesh_utils.create_device_mesh could not lay out a %s mesh (data, fsdp) over %d %s devices "
+            "(%s: %s); using the devices in their listed order",
+            "x".join(map(str, shape)),
+            len(devices),
+            devices[0].platform if devices else "",
+            type(e).__name__,
+            str(e) or "no message",
+        )
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 

@@ -10,8 +10,8 @@ import functools
 import jax
 import numpy as np
 
+from maejax import config as config_lib
 from maejax import (
-    checkpoint,
     data_sources,
     input_pipeline,
     loop,
@@ -20,9 +20,8 @@ from maejax import (
     sharding,
     train_step,
     visualize,
-    writers,
 )
-from maejax import config as config_lib
+from maejax import task as task_lib
 
 NUM_RECON_IMAGES = 8
 
@@ -45,19 +44,25 @@ def write_reconstructions(writer, reconstruct, params, images, noise, model_cfg,
     return writer.write_image(step, "reconstructions", visualize.grid(columns), f"recon_{step:07d}.png")
 
 
+MODEL_NAMES = ("mae", "diffmae")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Pre-train (or resume pre-training) the model of `config` in `workdir`.
 
     Returns:
       The last logged metrics, {"step": ..., "loss": ..., ...}.
     """
-    # --- validation (before anything compiles) --------------------------------
-    model_cfg = loop.start_run(config, workdir, ("mae", "diffmae"))
-    is_main = jax.process_index() == 0
+    with task_lib.begin(config, workdir, MODEL_NAMES) as task:
+        return _pretrain(task)
+
+
+def _pretrain(task) -> dict:
+    config, model_cfg = task.config, task.model
 
     # --- input -----------------------------------------------------------------
     channels, size = model_cfg.in_channels, model_cfg.image_size
-    train_source = data_sources.get_source(config.dataset, config.dataset.train_split, channels)
+    train_source, eval_source = task_lib.sources(task)
     num_train = len(train_source)
     total_steps = config_lib.total_steps(config, num_train)
     mean, std = data_sources.normalization(config.dataset, channels)
@@ -70,35 +75,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx, schedule = optim.build_optimizer(config, abstract_params, num_train)
 
     # --- mesh, shard and checkpoint ------------------------------------------
-    init = lambda: train_step.init_state(model, tx, base_key, image_shape)  # noqa: E731
-    abstract_state = jax.eval_shape(init)
-    mesh, batch_sharding, state_shardings = loop.mesh_and_shardings(config, abstract_state)
-    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    start_step, state, position, restored = loop.restore_or_init(ckpt, abstract_state, state_shardings, init)
-    writer = writers.Writer(workdir, enabled=is_main)
-    writer.truncate_after(start_step)
+    run = task_lib.restore_or_init(task, lambda: train_step.init_state(model, tx, base_key, image_shape))
+    writer = run.writer
 
     # --- update ----------------------------------------------------------------
     step_fn = loop.compile_step(
         train_step.make_train_step(model, tx, schedule, base_key, config.grad_accum_steps),
-        state_shardings,
-        batch_sharding,
-        mesh,
+        run.state_shardings,
+        run.batch_sharding,
+        run.mesh,
     )
     transform = input_pipeline.pretrain_transform(config.dataset, size, channels)
-    loader = loop.train_loader(config, train_source, transform, position)
+    loader = loop.train_loader(config, train_source, transform, run.position)
 
     # --- evals: reconstructions of fixed held-out images, kNN monitor ----------
-    eval_source = data_sources.get_source(config.dataset, config.dataset.eval_split, channels)
-    recon_images = next(
-        input_pipeline.eval_batches(
-            eval_source, input_pipeline.eval_transform(config.dataset, size, channels), NUM_RECON_IMAGES
-        )
-    )["image"]
+    eval_transform = input_pipeline.eval_transform(config.dataset, size, channels)
+    recon_images = next(input_pipeline.eval_batches(eval_source, eval_transform, NUM_RECON_IMAGES))["image"]
     recon_noise = np.asarray(
         jax.random.uniform(jax.random.key(config.seed + 1), (NUM_RECON_IMAGES, model.num_patches)), np.float32
     )
-    reconstruct = recon_fn(model, mesh)
+    reconstruct = recon_fn(model, run.mesh)
 
     def write_images(step, state):
         write_reconstructions(
@@ -110,11 +106,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         features = lambda params, images: model.apply(  # noqa: E731
             {"params": params}, images, config.knn.pool, method=model.features
         )
-        eval_transform = input_pipeline.eval_transform(config.dataset, size, channels)
         knn = loop.knn_hook(
             config,
             features,
-            batch_sharding,
+            run.batch_sharding,
             train_source,
             eval_source,
             eval_transform,
@@ -124,17 +119,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- loop ------------------------------------------------------------------
     return loop.run(
-        config=config,
-        workdir=workdir,
-        state=state,
+        task,
+        run,
         step_fn=step_fn,
         loader=loader,
-        batch_sharding=batch_sharding,
         make_batch=lambda batch: {"image": batch["image"]},
-        ckpt=ckpt,
-        writer=writer,
         total_steps=total_steps,
-        start_step=start_step,
-        restored=restored,
         hooks=hooks,
     )

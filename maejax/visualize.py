@@ -5,6 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from maejax import preprocess
 from maejax.models import masking
 from maejax.models.mae import denormalize_patches
 
@@ -59,8 +60,7 @@ def reconstruction_columns(images, pred, mask, patch_size: int, norm_pix_loss: b
     channels = images.shape[-1]
     recon = np.asarray(predicted_images(pred, images, patch_size, norm_pix_loss))
     pixel_mask = np.asarray(masking.patch_mask_to_pixels(np.asarray(mask), patch_size, channels))
-    to_unit = lambda x: np.clip(x * std + mean, 0.0, 1.0)  # noqa: E731
-    original = to_unit(images)
+    original = preprocess.denormalize(images, mean, std)
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
-    pasted = to_unit(images * (1 - pixel_mask) + recon * pixel_mask)
-    return [original, masked, to_unit(recon), pasted]
+    pasted = preprocess.denormalize(images * (1 - pixel_mask) + recon * pixel_mask, mean, std)
+    return [original, masked, preprocess.denormalize(recon, mean, std), pasted]

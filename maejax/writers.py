@@ -5,6 +5,7 @@ call it unconditionally.
 """
 
 import json
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,26 @@ def _tensorflow():
     # TensorFlow only writes event files here; keep it off any accelerator.
     tf.config.set_visible_devices([], "GPU")
     return tf
+
+
+def readable_rows(lines, path: str):
+    """(line, row) for each JSON object line; a torn or malformed line is skipped with a warning.
+
+    A kill mid-write leaves one torn line; refusing it would make every resume
+    fail until the file is edited by hand.
+    """
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            logging.warning("skipping malformed line %d of %s (%s): %.80r", number, path, e.msg, line)
+            continue
+        if not isinstance(row, dict):
+            logging.warning("skipping line %d of %s: not a JSON object: %.80r", number, path, line)
+            continue
+        yield line if line.endswith("\n") else line + "\n", row
 
 
 class Writer:
@@ -41,7 +62,7 @@ class Writer:
         if not self.enabled or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            rows = [line for line, row in readable_rows(f, self.metrics_path) if row.get("step", 0) <= step]
         with open(self.metrics_path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(self.metrics_path + ".tmp", self.metrics_path)

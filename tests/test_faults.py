@@ -47,11 +47,14 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ho
     step, state, position = ckpt.restore_latest(abstract(small_state(0)))
     assert (step, position) == (2, {"next_batch": 2})
     np.testing.assert_array_equal(state["params"]["w"], np.full((4, 8), 2.0))
-    assert (
-        "checkpoint step 3" in caplog.text
-        and "unusable" in caplog.text
-        and "skipping damaged checkpoints [3]" in caplog.text
-    )
+    assert "checkpoint step 3" in caplog.text and "is damaged" in caplog.text
+    # Moved aside, never deleted: the files are still there, under checkpoints/damaged/.
+    aside = os.listdir(os.path.join(tmp_path, "checkpoints", "damaged"))
+    assert len(aside) == 1 and aside[0].startswith("3-")
+    target = os.path.join(ckpt.directory, "damaged", aside[0])
+    assert f"moved damaged checkpoint step 3 to {target}" in caplog.text
+    assert os.path.exists(os.path.join(target, "state"))
+    assert ckpt.all_steps() == [1, 2]
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):

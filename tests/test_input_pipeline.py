@@ -164,3 +164,68 @@ def test_an_image_folder_is_a_source_with_sorted_classes(tmp_path):
     assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
     with pytest.raises(UserError, match="a sub-folder"):
         data_sources.get_source(dataset, "test", 3)
+
+
+def image_folder(root, layout: dict):
+    """Write {split: {class: count}} as root/<split>/<class>/<i>.png."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for cls, count in classes.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_every_split_takes_its_labels_from_the_training_classes(tmp_path):
+    image_folder(tmp_path, {"train": {"a": 1, "b": 1, "c": 1}, "val": {"a": 1, "c": 1}})
+    # Hidden entries are neither classes nor images.
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"macOS resource fork")
+    train = data_sources.ImageFolderSource(str(tmp_path), "train")
+    val = data_sources.ImageFolderSource(str(tmp_path), "val")
+    assert train.classes == val.classes == ["a", "b", "c"] and train.num_classes == val.num_classes == 3
+    assert len(train) == 3
+    assert [r["label"] for r in val.__getitems__(range(len(val)))] == [0, 2]
+
+
+def test_a_split_with_a_class_the_training_split_lacks_is_refused(tmp_path):
+    image_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "zebra": 1}})
+    with pytest.raises(UserError, match=r"val has class folders \['zebra'\] .* classes \['a', 'b'\]"):
+        data_sources.ImageFolderSource(str(tmp_path), "val")
+
+
+def test_the_class_list_is_saved_once_and_checked_on_resume(tmp_path):
+    workdir = str(tmp_path / "run")
+    data_sources.check_classes(workdir, ["a", "b"])
+    data_sources.check_classes(workdir, ["a", "b"])  # a resume with the same folder
+    data_sources.check_classes(workdir, None)  # tfds: nothing to check
+    with pytest.raises(UserError, match=r"classes\.json .*added \['c'\], missing \[\]"):
+        data_sources.check_classes(workdir, ["a", "b", "c"])
+
+
+def test_a_batch_larger_than_the_dataset_is_refused_when_the_loader_is_made():
+    with pytest.raises(UserError, match="batch_size=32 .* the 10 training examples"):
+        input_pipeline.TrainLoader(CountingSource(n=10), transform, seed=0, batch_size=32)
+
+
+def test_an_out_of_order_batch_is_a_runtime_error_not_an_assert():
+    loader = input_pipeline.TrainLoader(CountingSource(), transform, seed=0, batch_size=32, prefetch=1)
+    try:
+        next(loader)
+        loader.position = 7  # what a producer bug would look like
+        with pytest.raises(RuntimeError, match="produced batch 1 where batch 7 was due"):
+            next(loader)
+    finally:
+        loader.close()
+
+
+def test_the_epoch_order_salt_is_named_and_unchanged():
+    # Changing it would silently change the data order of resumed runs.
+    assert input_pipeline.EPOCH_ORDER_SALT == 0x5EED
+    np.testing.assert_array_equal(
+        input_pipeline.epoch_permutation(3, 1, 50), np.random.default_rng((3, 1, 0x5EED)).permutation(50)
+    )

@@ -92,7 +92,7 @@ def test_the_step_key_depends_only_on_the_step():
     model, params = mae_params()
     config = config_lib.base_config()
     config.batch_size, config.total_steps = 4, 10
-    tx, schedule = optim.build_optimizer(config, params, 1)
+    tx, schedule = optim.build_optimizer(config, params, 1000)
     step = jax.jit(train_step.make_train_step(model, tx, schedule, jax.random.key(0)))
     batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1))}
     at = lambda s: {"step": jnp.asarray(s, jnp.int32), "params": params, "opt": tx.init(params)}  # noqa: E731

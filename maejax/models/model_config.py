@@ -9,15 +9,17 @@ import copy
 
 import ml_collections
 
+from maejax import checks
+from maejax.diffusion import SCHEDULES
 from maejax.errors import ConfigError
-from maejax.models.vit import VARIANTS, ViTSpec, decode_variant
+from maejax.models.diffmae import VARIANTS as DECODER_VARIANTS
+from maejax.models.vit import POOLS, VARIANTS, ViTSpec, decode_variant
 
+# Each list of choices lives once, in the module that implements it (schedules in diffusion,
+# decoder variants in diffmae, pools in vit); these three are implemented by build_model.
 MODEL_NAMES = ("mae", "diffmae", "classifier")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
-DECODER_VARIANTS = ("joint", "cross_self", "cross")
-SCHEDULES = ("linear", "cosine", "linear_pow")
-POOLS = ("avg", "cls")
 
 # The official MAE model's defaults (ViT-B/16 encoder, 512x8 decoder).
 DEFAULTS = {
@@ -77,24 +79,12 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
     return out
 
 
-def _positive_int(value, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(field, value, "must be a positive integer")
-    return value
-
-
-def _choice(value, field: str, choices) -> str:
-    if value not in choices:
-        raise ConfigError(field, value, f"must be one of {list(choices)}")
-    return value
-
-
 def _resolve_encoder(enc: dict) -> dict:
     base = {}
     if enc["variant"] is not None:
         try:
             base = decode_variant(enc["variant"])
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: not a string
             raise ConfigError(
                 "model.encoder.variant",
                 enc["variant"],
@@ -108,7 +98,7 @@ def _resolve_encoder(enc: dict) -> dict:
     for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size"):
         if key not in sizes:
             raise ConfigError(f"model.encoder.{key}", None, "set it, or set model.encoder.variant")
-        _positive_int(sizes[key], f"model.encoder.{key}")
+        checks.integer(sizes[key], f"model.encoder.{key}")
     return {"variant": enc["variant"], **sizes}
 
 
@@ -135,9 +125,9 @@ def resolve(model_config) -> ml_collections.ConfigDict:
     """
     given = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
     cfg = _merge(DEFAULTS, given, "model")
-    _choice(cfg["name"], "model.name", MODEL_NAMES)
-    _positive_int(cfg["image_size"], "model.image_size")
-    _positive_int(cfg["in_channels"], "model.in_channels")
+    checks.choice(cfg["name"], "model.name", MODEL_NAMES)
+    checks.integer(cfg["image_size"], "model.image_size")
+    checks.integer(cfg["in_channels"], "model.in_channels")
     cfg["encoder"] = enc = _resolve_encoder(cfg["encoder"])
     _check_heads(enc["width"], enc["num_heads"], "model.encoder")
     if cfg["image_size"] % enc["patch_size"]:
@@ -146,33 +136,54 @@ def resolve(model_config) -> ml_collections.ConfigDict:
             cfg["image_size"],
             f"must be divisible by the patch size model.encoder.patch_size={enc['patch_size']}",
         )
-    dec = cfg["decoder"]
-    for key in ("width", "depth", "num_heads"):
-        _positive_int(dec[key], f"model.decoder.{key}")
-    if dec["mlp_dim"] is None:
-        dec["mlp_dim"] = 4 * dec["width"]
-    _positive_int(dec["mlp_dim"], "model.decoder.mlp_dim")
-    _check_heads(dec["width"], dec["num_heads"], "model.decoder")
-    _choice(dec["variant"], "model.decoder.variant", DECODER_VARIANTS)
-    _choice(cfg["dtype"], "model.dtype", DTYPES)
-    _choice(cfg["attention_impl"], "model.attention_impl", ATTENTION_IMPLS)
-    _choice(cfg["pool"], "model.pool", POOLS)
-    _positive_int(cfg["num_classes"], "model.num_classes")
-    if not 0.0 <= cfg["drop_path"] < 1.0:
-        raise ConfigError("model.drop_path", cfg["drop_path"], "must be in [0, 1)")
-    if cfg["name"] != "classifier":
+    cfg["decoder"] = _resolve_decoder(cfg["decoder"])
+    checks.choice(cfg["dtype"], "model.dtype", DTYPES)
+    checks.choice(cfg["attention_impl"], "model.attention_impl", ATTENTION_IMPLS)
+    checks.boolean(cfg["remat"], "model.remat")
+    checks.boolean(cfg["norm_pix_loss"], "model.norm_pix_loss")
+    checks.choice(cfg["pool"], "model.pool", POOLS)
+    checks.integer(cfg["num_classes"], "model.num_classes")
+    checks.number(cfg["drop_path"], "model.drop_path", 0, 1, high_open=True)
+    checks.number(cfg["head_init_std"], "model.head_init_std", 0, None)
+    if cfg["name"] != "classifier":  # the classifier never masks
         _check_mask_ratio(cfg["mask_ratio"], (cfg["image_size"] // enc["patch_size"]) ** 2)
-    diff = cfg["diffusion"]
-    _positive_int(diff["timesteps"], "model.diffusion.timesteps")
-    _choice(diff["schedule"], "model.diffusion.schedule", SCHEDULES)
-    if not diff["rho"] > 0:
-        raise ConfigError("model.diffusion.rho", diff["rho"], "must be > 0")
+    _check_diffusion(cfg["diffusion"])
     return ml_collections.ConfigDict(cfg)
 
 
+def _resolve_decoder(dec: dict) -> dict:
+    """Check the decoder fields (DiffMAE's too, also for MAE: they are cheap) and fill mlp_dim."""
+    for key in ("width", "depth", "num_heads"):
+        checks.integer(dec[key], f"model.decoder.{key}")
+    if dec["mlp_dim"] is None:
+        dec["mlp_dim"] = 4 * dec["width"]
+    checks.integer(dec["mlp_dim"], "model.decoder.mlp_dim")
+    _check_heads(dec["width"], dec["num_heads"], "model.decoder")
+    checks.choice(dec["variant"], "model.decoder.variant", DECODER_VARIANTS)
+    checks.boolean(dec["adaln"], "model.decoder.adaln")
+    # The timestep features are [cos | sin] halves: an odd size would silently lose one feature.
+    dim = checks.integer(dec["time_embed_dim"], "model.decoder.time_embed_dim", minimum=2)
+    if dim % 2:
+        raise ConfigError("model.decoder.time_embed_dim", dim, "must be an even integer >= 2")
+    return dec
+
+
+def _check_diffusion(diff: dict) -> None:
+    checks.integer(diff["timesteps"], "model.diffusion.timesteps")
+    checks.choice(diff["schedule"], "model.diffusion.schedule", SCHEDULES)
+    checks.number(diff["rho"], "model.diffusion.rho", 0, None, low_open=True)
+    # Betas are probabilities that must grow: 0 < beta_start < beta_end < 1 (unused by 'cosine',
+    # checked anyway so a switch of schedule never meets a bad value).
+    start = checks.number(
+        diff["beta_start"], "model.diffusion.beta_start", 0, 1, low_open=True, high_open=True
+    )
+    end = checks.number(diff["beta_end"], "model.diffusion.beta_end", 0, 1, low_open=True, high_open=True)
+    if end <= start:
+        raise ConfigError("model.diffusion.beta_end", end, f"must exceed model.diffusion.beta_start={start}")
+
+
 def _check_mask_ratio(ratio, num_patches: int) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ConfigError("model.mask_ratio", ratio, "must be a number strictly between 0 and 1")
+    checks.number(ratio, "model.mask_ratio", 0, 1, low_open=True, high_open=True)
     keep = int(num_patches * (1 - ratio))
     if keep < 1 or keep >= num_patches:
         raise ConfigError(

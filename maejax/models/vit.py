@@ -196,9 +196,22 @@ class Block(nn.Module):
         return x + drop(y)
 
 
+# How a (B, 1 + L, D) token sequence becomes one feature: the classifier's `model.pool` and the
+# pre-training kNN monitor's `knn.pool` both choose from this list.
+POOLS = ("avg", "cls")
+
+
 def pool_tokens(tokens, pool: str):
-    """(B, 1 + L, D) -> (B, D): the cls token ('cls') or the mean of the patch tokens ('avg')."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    """(B, 1 + L, D) -> (B, D): the cls token ('cls') or the mean of the patch tokens ('avg').
+
+    Raises:
+      ValueError: `pool` is not one of POOLS (an unknown name must not fall back to averaging).
+    """
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "avg":
+        return tokens[:, 1:].mean(axis=1)
+    raise ValueError(f"unknown pool {pool!r}; valid: {POOLS}")
 
 
 def block_class(remat: bool):

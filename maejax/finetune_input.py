@@ -1,0 +1,69 @@
+"""Host-side augmentation for fine-tuning and probing (FINETUNE.md / main_linprobe).
+
+Per example: RandomResizedCrop + flip (+ RandAugment and random erasing when
+fine-tuning) + normalise. Per batch: mixup / cutmix and label-smoothed soft
+targets, drawn from an rng that is a pure function of (seed, batch index,
+process), so a resumed run mixes exactly as an uninterrupted one.
+"""
+
+import jax
+import numpy as np
+
+from maejax import augment, data_sources, preprocess
+
+# Separates the batch-mixing stream from the input pipeline's per-example streams.
+MIX_RNG_SALT = 0x313
+
+
+def train_transform(config, size: int, channels: int, probe: bool):
+    """RandomResizedCrop + flip (+ RandAugment and random erasing when fine-tuning) + normalise."""
+    mean, std = data_sources.normalization(config.dataset, channels)
+    ft = config.finetune
+    scale = tuple(ft.crop_scale)
+
+    def transform(rng, image):
+        image = preprocess.random_resized_crop(rng, image, size, scale)
+        if rng.uniform() < 0.5:
+            image = image[:, ::-1]
+        if not probe and ft.randaug_ops > 0:
+            img = augment.rand_augment(
+                rng,
+                preprocess.to_pil(np.ascontiguousarray(image)),
+                ft.randaug_ops,
+                ft.randaug_magnitude,
+                ft.randaug_mstd,
+            )
+            image = preprocess.from_pil(img, channels)
+        image = preprocess.normalize(image, mean, std)
+        return image if probe else augment.random_erasing(rng, image, ft.reprob)
+
+    return transform
+
+
+def batch_maker(config, num_classes: int, probe: bool):
+    """Host-local loader batch -> {image, target}: mixup/cutmix and smoothed soft targets."""
+    ft = config.finetune
+    counter = {"batch": 0}
+
+    def make(batch):
+        rng = np.random.default_rng((config.seed, counter["batch"], jax.process_index(), MIX_RNG_SALT))
+        counter["batch"] += 1
+        if probe:
+            return {
+                "image": batch["image"],
+                "target": augment.one_hot_smoothed(batch["label"], num_classes, 0.0),
+            }
+        images, targets, _ = augment.mix_batch(
+            rng,
+            batch["image"],
+            batch["label"],
+            num_classes,
+            mixup=ft.mixup,
+            cutmix=ft.cutmix,
+            prob=ft.mixup_prob,
+            switch_prob=ft.mixup_switch_prob,
+            smoothing=ft.label_smoothing,
+        )
+        return {"image": images, "target": targets}
+
+    return make, counter

@@ -12,11 +12,11 @@ cross-self decoder wired top-down to the encoder, T = 1000 'linear_pow'
 (rho 0.8) noise on the masked patches, x0-prediction, 400 steps of batch 256.
 """
 
-from maejax.recipes import fmnist_pretrain
+from maejax.recipes import fmnist_pretrain, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     c = fmnist_pretrain()
     c.model.name = "diffmae"
     c.model.decoder.variant = "cross_self"

@@ -10,9 +10,9 @@ patches only, x0-prediction, pixel targets (maejax.recipes.diffmae_pretrain_imag
 Inpaint afterwards with --config.task=sample.
 """
 
-from maejax.recipes import diffmae_pretrain_imagenet
+from maejax.recipes import diffmae_pretrain_imagenet, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return diffmae_pretrain_imagenet("L/16")

@@ -7,9 +7,9 @@ init_from: a pre-training workdir (its newest checkpoint) or a maejax.convert
 output of the official weights (maejax.recipes.finetune_imagenet).
 """
 
-from maejax.recipes import finetune_imagenet
+from maejax.recipes import finetune_imagenet, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return finetune_imagenet("L/16")

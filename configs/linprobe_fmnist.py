@@ -8,9 +8,9 @@ init_from: workdirs/mae_fmnist (make demo), workdirs/diffmae_fmnist, or
 evaluated on the 10,000 test images (maejax.recipes.fmnist_classifier).
 """
 
-from maejax.recipes import fmnist_classifier
+from maejax.recipes import fmnist_classifier, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return fmnist_classifier("linprobe")

@@ -7,9 +7,9 @@ init_from: a pre-training workdir (its newest checkpoint) or a maejax.convert
 output of the official weights (maejax.recipes.linprobe_imagenet).
 """
 
-from maejax.recipes import linprobe_imagenet
+from maejax.recipes import linprobe_imagenet, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return linprobe_imagenet("B/16")

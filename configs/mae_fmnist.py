@@ -9,9 +9,9 @@ dataset-fashion-mnist files (or dataset.manual_dir) and never the network when
 they exist (maejax.recipes.fmnist_pretrain).
 """
 
-from maejax.recipes import fmnist_pretrain
+from maejax.recipes import fmnist_pretrain, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return fmnist_pretrain()

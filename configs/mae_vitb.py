@@ -9,9 +9,9 @@ RandomResizedCrop(224, scale 0.2-1) + flip, bfloat16 compute
 (maejax.recipes.mae_pretrain_imagenet).
 """
 
-from maejax.recipes import mae_pretrain_imagenet
+from maejax.recipes import mae_pretrain_imagenet, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     return mae_pretrain_imagenet("B/16")

@@ -9,11 +9,11 @@ RandomResizedCrop(224, scale 0.2-1) + flip, bfloat16 compute
 (maejax.recipes.mae_pretrain_imagenet).
 """
 
-from maejax.recipes import mae_pretrain_imagenet
+from maejax.recipes import mae_pretrain_imagenet, no_argument
 
 
 def get_config(arg=None):
-    del arg
+    no_argument(arg)
     c = mae_pretrain_imagenet("H/14")
     c.model.remat = True  # recompute ViT-H activations in the backward pass
     return c

@@ -5,6 +5,16 @@ per size, so each recipe is written once.
 """
 
 from maejax.config import base_config
+from maejax.errors import UserError
+
+
+def no_argument(arg) -> None:
+    """Refuse a `--config=FILE:ARG` argument (these recipes take none) instead of ignoring it."""
+    if arg:
+        raise UserError(
+            f"--config: this config file takes no argument (got {arg!r} after ':'); "
+            "change fields with --config.FIELD=VALUE"
+        )
 
 
 def mae_pretrain_imagenet(variant: str):

@@ -18,6 +18,7 @@ A dataset already prepared as TFRecord can be converted in place with
 `tfds convert_format --dataset_dir=... --out_file_format=array_record`.
 """
 
+import importlib.util
 import json
 import logging
 import os
@@ -121,6 +122,22 @@ def tfds_builder(dataset_config):
     return builder
 
 
+DATA_EXTRA = "maejax[data]"
+
+
+def require_tensorflow(name: str, data_dir) -> None:
+    """Refuse, in one line, to build a dataset without TensorFlow (tfds' builders need it).
+
+    Reading a prepared dataset needs none: only building one from raw files does.
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        raise UserError(
+            f"dataset {name!r} is not prepared under {data_dir}, and building it from raw files needs "
+            f"TensorFlow: pip install '{DATA_EXTRA}' (or prepare it on another machine with "
+            "python -m maejax.prepare_data and point dataset.data_dir at it)"
+        )
+
+
 def _prepare_once(builder, download_config, rebuild):
     """Build the dataset on process 0 while the others wait, then open what it wrote.
 
@@ -130,6 +147,7 @@ def _prepare_once(builder, download_config, rebuild):
     import jax
 
     def prepare(b):
+        require_tensorflow(b.name, b.data_dir)
         b.download_and_prepare(file_format="array_record", download_config=download_config)
 
     if jax.process_index() == 0:

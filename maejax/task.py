@@ -138,7 +138,7 @@ def restore_or_init(task: Task, init_fn, *init_args) -> Run:
         state = jax.jit(init_fn, out_shardings=state_shardings)(*init_args)
         start_step, position = 0, {"next_batch": 0}
     record_config(task, resumed=bool(restored))
-    writer = writers.Writer(task.workdir, enabled=task.is_main)
+    writer = writers.Writer(task.workdir, enabled=task.is_main, resumed_at=start_step if restored else None)
     writer.truncate_after(start_step)
     return Run(
         state, start_step, position, bool(restored), mesh, batch_sharding, state_shardings, ckpt, writer

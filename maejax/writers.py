@@ -12,16 +12,10 @@ import time
 
 import numpy as np
 
+from maejax import tensorboard_events
+
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
-
-
-def _tensorflow():
-    import tensorflow as tf
-
-    # TensorFlow only writes event files here; keep it off any accelerator.
-    tf.config.set_visible_devices([], "GPU")
-    return tf
 
 
 def readable_rows(lines, path: str):
@@ -45,13 +39,19 @@ def readable_rows(lines, path: str):
 
 
 class Writer:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """metrics.jsonl, TensorBoard events and PNGs under `workdir` (a no-op unless `enabled`).
+
+    resumed_at: the step a resumed run continues from (TensorBoard then hides
+    what the earlier run logged after it).
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
         self.workdir = workdir
         self.enabled = enabled
         self._tb = None
         if enabled:
             os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
-            self._tb = _tensorflow().summary.create_file_writer(workdir)
+            self._tb = tensorboard_events.EventFile(workdir, resumed_at)
 
     @property
     def metrics_path(self) -> str:
@@ -73,10 +73,7 @@ class Writer:
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        tf = _tensorflow()
-        with self._tb.as_default(step=int(step)):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, float(value))
+        self._tb.scalars(step, scalars)
         self._tb.flush()
 
     def write_image(self, step: int, name: str, grid: np.ndarray, filename: str) -> str | None:
@@ -87,9 +84,7 @@ class Writer:
 
         path = os.path.join(self.workdir, IMAGES_DIR, filename)
         visualize.save_png(path, grid)
-        tf = _tensorflow()
-        with self._tb.as_default(step=int(step)):
-            tf.summary.image(name, grid[None], step=int(step))
+        self._tb.image(step, name, grid)
         self._tb.flush()
         return path
 

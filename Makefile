@@ -1,21 +1,31 @@
 # maejax: `make demo` (set up, then pre-train on Fashion-MNIST), `make test`
 # (set up, then lint and the whole suite), `make bench` (speed vs. the reference).
+# `make demo` installs what the demo needs (maejax and the `data` extra, to build
+# Fashion-MNIST from Debian's files); `make test` adds the `test` extra.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_WORKDIR ?= workdirs/mae_fmnist
 
-.PHONY: setup data test lint format demo bench clean
+.PHONY: setup setup-demo data test lint format demo bench clean
 
-setup: $(STAMP) data
+setup: $(TEST_STAMP) data
+setup-demo: $(DEMO_STAMP) data
 
-$(STAMP): setup.py
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(DEMO_STAMP): setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[data]'
+	touch $(DEMO_STAMP)
+
+$(TEST_STAMP): setup.py | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(TEST_STAMP) $(DEMO_STAMP)
 
 # Debian's copy of Fashion-MNIST: tests and the demo read it, never the network.
 data:
@@ -23,18 +33,18 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 test: setup lint
 	$(PY) -m pytest
 
-demo: setup
+demo: setup-demo
 	$(PY) -m maejax.main --config=configs/mae_fmnist.py --workdir=$(DEMO_WORKDIR)
 
 bench: setup

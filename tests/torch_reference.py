@@ -2,30 +2,17 @@
 
 HF implements the official MAE model (unbiased norm-pix variance, the
 official position-table layout, `noise` for a fixed mask). Its transformers
-5.x key names differ from the official ones; `hf_to_official` maps them, with
-HF's separate q/k/v projections concatenated into the official fused `qkv`.
+5.x module names differ from the official ones; `maejax.hf_format` maps them
+(the converter reads HF checkpoints with it), with HF's separate q/k/v
+projections concatenated into the official fused `qkv`.
 """
-
-import re
 
 import numpy as np
 import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
+from maejax import hf_format
 from maejax.models import model_config
-
-_RENAMES = [
-    (r"^vit\.embeddings\.cls_token$", "cls_token"),
-    (r"^vit\.embeddings\.position_embeddings$", "pos_embed"),
-    (r"^vit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^vit\.layers\.(\d+)\.", r"blocks.\1."),
-    (r"^vit\.layernorm\.", "norm."),
-    (r"^decoder\.decoder_layers\.(\d+)\.", r"decoder_blocks.\1."),
-    (r"^decoder\.", ""),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"\.attention\.o_proj\.", ".attn.proj."),
-]
 
 
 def hf_model(config_model, seed: int = 0) -> ViTMAEForPreTraining:
@@ -79,19 +66,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def hf_to_official(tensors: dict) -> dict:
-    """HF 5.x names -> official MAE names; q/k/v fused into qkv ([q; k; v] rows)."""
-    out, qkv = {}, {}
-    for name, value in tensors.items():
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        m = re.match(r"^(.*)\.attention\.([qkv])_proj\.(weight|bias)$", name)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-        else:
-            out[name] = value
-    for (prefix, kind), parts in qkv.items():
-        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    """HF names -> official MAE names; q/k/v fused into qkv ([q; k; v] rows); torch tensors."""
+    return {k: torch.from_numpy(v) for k, v in hf_format.hf_to_official(tensors).items()}
 
 
 def official_state_dict(model: ViTMAEForPreTraining) -> dict:
@@ -110,28 +86,5 @@ def forward(model: ViTMAEForPreTraining, images_nhwc: np.ndarray, noise: np.ndar
 
 
 def official_to_hf(state: dict) -> dict:
-    """Official names -> HF 5.x names (the inverse of hf_to_official), torch tensors."""
-    reverse = [
-        (r"^cls_token$", "vit.embeddings.cls_token"),
-        (r"^pos_embed$", "vit.embeddings.position_embeddings"),
-        (r"^patch_embed\.proj\.", "vit.embeddings.patch_embeddings.projection."),
-        (r"^blocks\.(\d+)\.", r"vit.layers.\1."),
-        (r"^norm\.", "vit.layernorm."),
-        (r"^decoder_blocks\.(\d+)\.", r"decoder.decoder_layers.\1."),
-        (r"^(mask_token|decoder_pos_embed|decoder_embed|decoder_norm|decoder_pred)", r"decoder.\1"),
-        (r"\.norm1\.", ".layernorm_before."),
-        (r"\.norm2\.", ".layernorm_after."),
-        (r"\.attn\.proj\.", ".attention.o_proj."),
-    ]
-    out = {}
-    for name, value in state.items():
-        value = torch.as_tensor(np.array(value))
-        for pattern, repl in reverse:
-            name = re.sub(pattern, repl, name)
-        m = re.match(r"^(.*)\.attn\.qkv\.(weight|bias)$", name)
-        if m:
-            for part, chunk in zip("qkv", torch.chunk(value, 3, dim=0), strict=True):
-                out[f"{m.group(1)}.attention.{part}_proj.{m.group(2)}"] = chunk
-        else:
-            out[name] = value
-    return out
+    """Official names -> the names of the 5.x modules (the inverse of hf_to_official), torch tensors."""
+    return {k: torch.tensor(v) for k, v in hf_format.official_to_hf(state, hf_format.V5).items()}

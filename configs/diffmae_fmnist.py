@@ -12,21 +12,9 @@ cross-self decoder wired top-down to the encoder, T = 1000 'linear_pow'
 (rho 0.8) noise on the masked patches, x0-prediction, 400 steps of batch 256.
 """
 
-from maejax.recipes import fmnist_pretrain, no_argument
+from maejax.recipes import fmnist_diffmae, no_argument
 
 
 def get_config(arg=None):
     no_argument(arg)
-    c = fmnist_pretrain()
-    c.model.name = "diffmae"
-    c.model.decoder.variant = "cross_self"
-    c.model.diffusion.timesteps = 1000
-    c.model.diffusion.schedule = "linear_pow"
-    c.model.diffusion.rho = 0.8
-    c.sample.sampler = "ddpm"
-    c.sample.steps = 50
-    c.sample.num_samples = 4
-    c.sample.num_images = 8
-    c.sample.mask = "random"
-    c.sample.mask_ratio = 0.75
-    return c
+    return fmnist_diffmae()

@@ -148,6 +148,23 @@ def learning_rate(config) -> float:
     return opt.lr if opt.lr is not None else opt.blr * config.batch_size / 256
 
 
+def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+    """Set dotted fields, as --config.FIELD=VALUE does: {"model.encoder.depth": 2, ...}.
+
+    Raises:
+      KeyError: a field the config does not have (no field is created).
+    """
+    for field, value in overrides.items():
+        *parents, name = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if name not in node:
+            raise KeyError(f"the config has no field {field!r}")
+        node[name] = value
+    return config
+
+
 def with_resolved_model(config) -> ml_collections.ConfigDict:
     """A copy of `config` whose `model` has every field filled (what really runs)."""
     out = ml_collections.ConfigDict(config.to_dict())

@@ -108,6 +108,28 @@ def fmnist_pretrain():
     return c
 
 
+def fmnist_diffmae():
+    """CPU-sized DiffMAE pre-training on Fashion-MNIST: fmnist_pretrain's data and encoder.
+
+    A 64-wide 2-block cross-self decoder wired top-down to the encoder, T = 1000
+    'linear_pow' (rho 0.8) noise on the masked patches, x0-prediction; the sample
+    task draws 4 DDPM samples of 50 steps for 8 held-out images, 75 % masked at random.
+    """
+    c = fmnist_pretrain()
+    c.model.name = "diffmae"
+    c.model.decoder.variant = "cross_self"
+    c.model.diffusion.timesteps = 1000
+    c.model.diffusion.schedule = "linear_pow"
+    c.model.diffusion.rho = 0.8
+    c.sample.sampler = "ddpm"
+    c.sample.steps = 50
+    c.sample.num_samples = 4
+    c.sample.num_images = 8
+    c.sample.mask = "random"
+    c.sample.mask_ratio = 0.75
+    return c
+
+
 # Official fine-tuning per size (FINETUNE.md): epochs, blr, layer decay, drop path.
 FINETUNE_BY_SIZE = {
     "B": dict(epochs=100.0, blr=5e-4, layer_decay=0.65, drop_path=0.1),

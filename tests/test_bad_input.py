@@ -163,7 +163,7 @@ def test_a_torn_metrics_line_is_skipped_with_its_line_number(tmp_path, caplog):
 
 def test_a_truncated_pth_is_named_in_one_line(tmp_path):
     torch = pytest.importorskip("torch")
-    from maejax import convert
+    from maejax import weights_io
 
     path = tmp_path / "mae.pth"
     torch.save({"model": {"cls_token": torch.zeros(1, 1, 64), "w": torch.randn(64, 64)}}, path)
@@ -171,12 +171,12 @@ def test_a_truncated_pth_is_named_in_one_line(tmp_path):
     with pytest.raises(
         UserError, match=rf"cannot read {re.escape(str(path))} .*truncated or not a PyTorch checkpoint"
     ):
-        convert.load_torch_checkpoint(str(path))
+        weights_io.load_torch_checkpoint(str(path))
     path.write_text("hello, not a checkpoint")
     with pytest.raises(UserError, match="truncated or not a PyTorch checkpoint"):
-        convert.load_torch_checkpoint(str(path))
+        weights_io.load_torch_checkpoint(str(path))
     with pytest.raises(UserError, match="no such file"):
-        convert.load_torch_checkpoint(str(tmp_path / "missing.pth"))
+        weights_io.load_torch_checkpoint(str(tmp_path / "missing.pth"))
 
 
 # --- device mesh --------------------------------------------------------------------

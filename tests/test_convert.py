@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maejax import checkpoint, convert, models
+from maejax import checkpoint, convert, models, weights_io
 from maejax.errors import UserError
 from tests import torch_reference
 
@@ -107,7 +107,7 @@ def test_pickles_that_run_code_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"cls_token": torch.zeros(1)}, "x": _RunsCode(str(marker))}, path)
     with pytest.raises(UserError, match="refusing to load"):
-        convert.load_torch_checkpoint(str(path))
+        weights_io.load_torch_checkpoint(str(path))
     assert not marker.exists()
 
 

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from transformers import ViTMAEForPreTraining
 
-from maejax import checkpoint, convert, hf_format, models
+from maejax import checkpoint, convert, convert_cli, hf_format, models, weights_io
 from maejax.config import base_config
 from maejax.errors import ConfigError, UserError
 from tests import torch_reference
@@ -93,33 +93,33 @@ def assert_same_outputs(hf, params):
 def test_pth_to_maejax_to_safetensors_to_maejax_is_exact(tmp_path, official, params):
     pth = tmp_path / "mae_full.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}, "epoch": 7}, pth)
-    from_pth = convert.params_from_torch(convert.load_weights_file(str(pth)), CFG)
+    from_pth = convert.params_from_torch(weights_io.load_weights_file(str(pth)), CFG)
     assert_same_params(from_pth, params)
 
     exported = tmp_path / "out" / "mae.safetensors"
-    convert.write_weights_file(convert.params_to_torch(from_pth, CFG), str(exported))
+    weights_io.write_weights_file(convert.params_to_torch(from_pth, CFG), str(exported))
     written = safetensors.numpy.load_file(str(exported))
     assert set(written) == set(official)  # the fixed tables too: the official code loads them
     for name, value in official.items():
         np.testing.assert_array_equal(written[name], value, err_msg=name)
-    assert_same_params(convert.params_from_torch(convert.load_weights_file(str(exported)), CFG), params)
+    assert_same_params(convert.params_from_torch(weights_io.load_weights_file(str(exported)), CFG), params)
 
 
 def test_exported_pth_holds_the_official_wrapper(tmp_path, official, params):
     path = tmp_path / "mae.pth"
-    convert.write_weights_file(convert.params_to_torch(params, CFG), str(path))
+    weights_io.write_weights_file(convert.params_to_torch(params, CFG), str(path))
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"model"} and set(saved["model"]) == set(official)
     for name, value in official.items():
         np.testing.assert_array_equal(saved["model"][name].numpy(), value, err_msg=name)
     with pytest.raises(UserError, match=r"--export=.*mae\.npz: name a file ending in \.pth"):
-        convert.write_weights_file({}, str(tmp_path / "mae.npz"))
+        weights_io.write_weights_file({}, str(tmp_path / "mae.npz"))
 
 
 def test_bfloat16_safetensors_are_widened_and_bad_files_named(tmp_path, official, params):
     path = tmp_path / "bf16.safetensors"
     safetensors.torch.save_file({k: torch.from_numpy(v).bfloat16() for k, v in official.items()}, str(path))
-    loaded = convert.load_weights_file(str(path))
+    loaded = weights_io.load_weights_file(str(path))
     assert loaded["cls_token"].dtype == np.float32
     expected = torch.from_numpy(official["blocks.1.mlp.fc1.weight"]).bfloat16().float().numpy()
     np.testing.assert_array_equal(loaded["blocks.1.mlp.fc1.weight"], expected)
@@ -127,9 +127,9 @@ def test_bfloat16_safetensors_are_widened_and_bad_files_named(tmp_path, official
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match=r"cannot read .*cut\.safetensors .*truncated or not a safetensors"):
-        convert.load_weights_file(str(truncated))
+        weights_io.load_weights_file(str(truncated))
     with pytest.raises(UserError, match="no such file"):
-        convert.load_weights_file(str(tmp_path / "missing.safetensors"))
+        weights_io.load_weights_file(str(tmp_path / "missing.safetensors"))
 
 
 # --- HuggingFace folders --------------------------------------------------------------
@@ -172,7 +172,7 @@ def saved_pretrained(hf_model, tmp_path_factory):
 
 
 def test_a_save_pretrained_folder_gives_the_hf_models_outputs(hf_model, saved_pretrained):
-    state, model = convert.read_hf_folder(saved_pretrained)
+    state, model = weights_io.read_hf_folder(saved_pretrained)
     resolved = models.resolve(model)
     for field in ("name", *hf_format.MODEL_FIELDS):
         assert hf_format.model_field(resolved, field) == hf_format.model_field(models.resolve(CFG), field)
@@ -191,12 +191,12 @@ def test_every_hf_naming_scheme_gives_identical_params(hf_model, saved_pretraine
         "transformers4_bin": write_folder(tmp_path / "bin", config_json, hub, "pytorch_model.bin"),
     }
     for scheme, folder in folders.items():
-        state, model = convert.read_hf_folder(folder)
+        state, model = weights_io.read_hf_folder(folder)
         assert_same_params(convert.params_from_torch(state, models.resolve(model)), params)
         assert not any(k.startswith(("vit.", "decoder.")) for k in state), scheme
     # The same file through --torch_checkpoint: HF names are recognised there too.
-    file_state = convert.load_weights_file(os.path.join(folders["transformers4"], "model.safetensors"))
-    assert_same_params(convert.params_from_torch(convert.with_official_names(file_state), CFG), params)
+    file_state = weights_io.load_weights_file(os.path.join(folders["transformers4"], "model.safetensors"))
+    assert_same_params(convert.params_from_torch(weights_io.with_official_names(file_state), CFG), params)
 
 
 def test_hf_folders_that_do_not_fit_are_refused_in_one_line(saved_pretrained, tmp_path, hf_model):
@@ -204,23 +204,23 @@ def test_hf_folders_that_do_not_fit_are_refused_in_one_line(saved_pretrained, tm
     modules = dict(hf_model.state_dict())
     no_k = {k: v for k, v in modules.items() if k != "vit.layers.1.attention.k_proj.bias"}
     with pytest.raises(UserError, match=r"has q, v but not k for blocks\.1\.attn\.qkv\.bias"):
-        convert.read_hf_folder(write_folder(tmp_path / "no_k", config_json, no_k))
+        weights_io.read_hf_folder(write_folder(tmp_path / "no_k", config_json, no_k))
     vit = dict(config_json, model_type="vit")
     with pytest.raises(UserError, match="is a 'vit' config, not 'vit_mae'"):
-        convert.read_hf_folder(write_folder(tmp_path / "vit", vit, modules))
+        weights_io.read_hf_folder(write_folder(tmp_path / "vit", vit, modules))
     with pytest.raises(UserError, match="holds none of model.safetensors"):
         os.makedirs(tmp_path / "empty")
         (tmp_path / "empty" / "config.json").write_text(json.dumps(config_json))
-        convert.read_hf_folder(str(tmp_path / "empty"))
+        weights_io.read_hf_folder(str(tmp_path / "empty"))
     learned = dict(modules)
     learned["vit.embeddings.position_embeddings"] = modules["vit.embeddings.position_embeddings"] + 0.5
-    state, model = convert.read_hf_folder(write_folder(tmp_path / "learned", config_json, learned))
+    state, model = weights_io.read_hf_folder(write_folder(tmp_path / "learned", config_json, learned))
     with pytest.raises(UserError, match="pos_embed differs from the fixed 2-D sin-cos table"):
         convert.params_from_torch(state, models.resolve(model))
 
 
 def test_a_config_that_disagrees_with_the_folder_is_refused_naming_the_field(saved_pretrained):
-    _, model = convert.read_hf_folder(saved_pretrained)
+    _, model = weights_io.read_hf_folder(saved_pretrained)
     from_hf = models.resolve(model)
     hf_format.check_same_model(models.resolve(CFG), from_hf, "--hf=X")  # agrees: no error
     deeper = {**CFG, "encoder": {**CFG["encoder"], "depth": 3}}
@@ -236,12 +236,12 @@ def test_a_hub_id_without_the_hub_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"fetching it from the hub failed .*pass --hf=DIR"):
-        convert.hf_folder("facebook/vit-mae-base")
+        weights_io.hf_folder("facebook/vit-mae-base")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(UserError, match=r"pip install huggingface_hub, or download it .*--hf=DIR"):
-        convert.hf_folder("facebook/vit-mae-base")
+        weights_io.hf_folder("facebook/vit-mae-base")
     with pytest.raises(UserError, match="not a folder"):
-        convert.hf_folder(str(tmp_path / "no" / "such" / "folder"))
+        weights_io.hf_folder(str(tmp_path / "no" / "such" / "folder"))
 
 
 # --- HuggingFace export -----------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_export_hf_loads_strictly_in_transformers_and_predicts_the_same(
 ):
     folder = tmp_path / "exported"
     resolved = models.resolve(CFG)
-    convert.write_hf_folder(convert.params_to_torch(params, resolved), resolved, str(folder))
+    weights_io.write_hf_folder(convert.params_to_torch(params, resolved), resolved, str(folder))
     names = set(safetensors.numpy.load_file(str(folder / "model.safetensors")))
     assert "vit.encoder.layer.1.attention.attention.value.weight" in names  # the hub's names
     # transformers logs its load report (missing, unexpected keys) as a warning of its own
@@ -267,16 +267,16 @@ def test_export_hf_loads_strictly_in_transformers_and_predicts_the_same(
     for name, value in hf_model.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
     assert_same_outputs(loaded.eval(), params)
-    assert convert.read_hf_folder(str(folder))[1]["mask_ratio"] == CFG["mask_ratio"]
+    assert weights_io.read_hf_folder(str(folder))[1]["mask_ratio"] == CFG["mask_ratio"]
 
 
 def test_export_hf_refuses_what_vitmae_cannot_hold(tmp_path, official):
     encoder_only = {k: v for k, v in official.items() if not k.startswith(("decoder", "mask_token"))}
     with pytest.raises(UserError, match="encoder-only weights: use --export=FILE.pth"):
-        convert.write_hf_folder(encoder_only, models.resolve(CFG), str(tmp_path / "x"))
+        weights_io.write_hf_folder(encoder_only, models.resolve(CFG), str(tmp_path / "x"))
     classifier = models.resolve({**CFG, "name": "classifier"})
     with pytest.raises(UserError, match="this is a 'classifier' model"):
-        convert.write_hf_folder(official, classifier, str(tmp_path / "x"))
+        weights_io.write_hf_folder(official, classifier, str(tmp_path / "x"))
 
 
 # --- the CLI --------------------------------------------------------------------------
@@ -299,12 +299,12 @@ def cli_flags(**given):
 )
 def test_flag_combinations_are_checked(given, message):
     with pytest.raises(UserError, match=message):
-        convert.check_flags(cli_flags(**given))
+        convert_cli.check_flags(cli_flags(**given))
 
 
 def test_import_without_a_config_takes_the_folders_and_export_checks_it(tmp_path, saved_pretrained, params):
     workdir = str(tmp_path / "imported")
-    convert.import_weights(cli_flags(hf=saved_pretrained, workdir=workdir))
+    convert_cli.import_weights(cli_flags(hf=saved_pretrained, workdir=workdir))
     assert_same_params(checkpoint.load_params_dir(os.path.join(workdir, "params")), params)
     written = json.loads(open(os.path.join(workdir, "config.json")).read())["model"]
     assert written["encoder"]["depth"] == 2 and written["decoder"]["mlp_dim"] == 48
@@ -313,7 +313,9 @@ def test_import_without_a_config_takes_the_folders_and_export_checks_it(tmp_path
     config = base_config()
     config.model = ml_collections.ConfigDict(models.resolve({**CFG, "image_size": 32}).to_dict())
     with pytest.raises(ConfigError, match=r"config\.model\.image_size=32 .*config\.json has 16"):
-        convert.export_weights(cli_flags(from_workdir=workdir, export=str(tmp_path / "x.pth"), config=config))
+        convert_cli.export_weights(
+            cli_flags(from_workdir=workdir, export=str(tmp_path / "x.pth"), config=config)
+        )
 
 
 CONFIG_FILE = """
@@ -361,7 +363,7 @@ def test_cli_imports_a_folder_and_exports_every_form(tmp_path, saved_pretrained,
     assert set(written) == set(official)
     for name, value in official.items():
         np.testing.assert_array_equal(written[name], value, err_msg=name)
-    state, model = convert.read_hf_folder(str(hf_dir))
+    state, model = weights_io.read_hf_folder(str(hf_dir))
     assert_same_params(convert.params_from_torch(state, models.resolve(model)), params)
 
     # A --config of another size: one line naming the field, exit code 2.

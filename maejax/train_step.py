@@ -79,8 +79,8 @@ def apply_update(tx, schedule, step, params, opt_state, grads, loss):
     metrics = {
         "loss": loss,
         "lr": schedule(step),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     return params, opt_state, metrics
 

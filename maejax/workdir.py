@@ -33,10 +33,18 @@ class WorkdirInUse(UserError):
 
 
 def check_usable(workdir: str) -> None:
-    """Refuse, in one line, a workdir that is a file or cannot be written.
+    """Refuse, in one line, a workdir that is a URL, a file, or cannot be written.
 
-    Creates the folder when it does not exist yet.
+    Creates the folder when it does not exist yet. URLs (gs://...) are refused
+    until every write under a workdir goes through a path layer that knows
+    them: os.path would silently make `gs://b/x` a local folder `gs:/b/x` on
+    each host, and a preempted VM would come back with nothing.
     """
+    if "://" in workdir:
+        raise UserError(
+            f"workdir {workdir!r} is a URL; maejax writes workdirs through the local filesystem only "
+            "for now: use a local or shared (NFS, a gcsfuse mount) folder"
+        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir!r} is a file, not a folder: pass another --workdir")
     try:

@@ -44,6 +44,7 @@ def test_torch_to_maejax_to_torch_is_exact(official):
         np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_maejax_to_torch_to_maejax_is_exact():
     params = maejax_params()
     back = convert.params_from_torch(convert.params_to_torch(params, CFG), CFG)
@@ -51,6 +52,7 @@ def test_maejax_to_torch_to_maejax_is_exact():
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+@pytest.mark.slow
 def test_written_state_dict_loads_strictly_into_the_reference():
     reference = torch_reference.hf_model(CFG)
     written = torch_reference.official_to_hf(convert.params_to_torch(maejax_params(), CFG))
@@ -139,6 +141,7 @@ def run_convert(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_params_and_config(tmp_path, official):
     config = tmp_path / "tiny.py"
     config.write_text(CONFIG_FILE)

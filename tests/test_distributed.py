@@ -32,6 +32,7 @@ def single_device(tmp_path_factory, tfds_dir):
     return losses(workdir)
 
 
+@pytest.mark.slow
 def test_meshes_give_the_same_losses_and_really_shard(tmp_path, tfds_dir, single_device):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = subprocess.run(
@@ -68,6 +69,7 @@ def launch(*args, workdir, tfds_dir, steps):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_save_on_sigterm_and_resume(tmp_path, tfds_dir):
     steps = 30
     reference = str(tmp_path / "reference")
@@ -93,6 +95,7 @@ def test_two_processes_train_save_on_sigterm_and_resume(tmp_path, tfds_dir):
     assert_close(losses(workdir), losses(reference))
 
 
+@pytest.mark.slow
 def test_the_launcher_fails_when_a_process_fails(tmp_path, tfds_dir):
     proc = launch("--config.model.image_size=30", workdir=str(tmp_path), tfds_dir=tfds_dir, steps=3)
     out, err = proc.communicate(timeout=300)

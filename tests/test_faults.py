@@ -80,6 +80,7 @@ def test_a_failed_write_is_named_and_keeps_earlier_checkpoints(tmp_path, monkeyp
     assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
     config = tiny_config(tfds_dir, total_steps=40, log_every_steps=1, checkpoint_every_steps=2)
     config.optimizer.blr = 1e9  # diverges within a few steps
@@ -96,8 +97,12 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
 # --- bad input: validated in-process, before anything compiles -----------------
 
 
-def base(tfds_dir):
-    return tiny_config(tfds_dir)
+# Validation reads no data: these configs point at a data_dir that was never prepared.
+UNPREPARED = "/nonexistent/tensorflow_datasets"
+
+
+def base():
+    return tiny_config(UNPREPARED)
 
 
 BAD = [
@@ -124,8 +129,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("overrides, field", BAD, ids=[f for _, f in BAD])
-def test_bad_configs_name_the_field_value_and_what_is_valid(tfds_dir, overrides, field):
-    config = set_fields(base(tfds_dir), overrides)
+def test_bad_configs_name_the_field_value_and_what_is_valid(overrides, field):
+    config = set_fields(base(), overrides)
     with pytest.raises(ConfigError) as err:
         validate.validate(config, num_devices=1, num_processes=1)
     assert err.value.field == field
@@ -133,8 +138,8 @@ def test_bad_configs_name_the_field_value_and_what_is_valid(tfds_dir, overrides,
     assert message.startswith(f"config.{field}=") and " is invalid: " in message and "\n" not in message
 
 
-def test_batch_must_split_over_devices_and_processes(tfds_dir):
-    config = base(tfds_dir)
+def test_batch_must_split_over_devices_and_processes():
+    config = base()
     with pytest.raises(ConfigError, match="split evenly over the 3 devices"):
         validate.validate(config, num_devices=3, num_processes=1)
     config.batch_size, config.mesh.data = 66, 2
@@ -142,12 +147,13 @@ def test_batch_must_split_over_devices_and_processes(tfds_dir):
         validate.validate(config, num_devices=2, num_processes=4)
 
 
-def test_missing_manual_data_says_how_to_get_it(tfds_dir, tmp_path):
-    config = set_fields(base(tfds_dir), {"dataset.manual_dir": str(tmp_path)})
+def test_missing_manual_data_says_how_to_get_it(tmp_path):
+    config = set_fields(base(), {"dataset.manual_dir": str(tmp_path)})
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         validate.validate(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flag, expected",
     [

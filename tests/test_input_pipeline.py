@@ -10,6 +10,7 @@ from maejax.errors import UserError
 from tests.conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_fashion_mnist_reads_the_debian_files_offline(tfds_dir):
     config = tiny_config(tfds_dir)
     train = data_sources.get_source(config.dataset, "train", 1)
@@ -34,8 +35,8 @@ def test_fashion_mnist_normalisation_is_measured_from_its_training_split():
     assert abs(pixels.mean() - mean) < 5e-5 and abs(pixels.std() - std) < 5e-5
 
 
-def test_a_manual_dir_without_the_files_is_a_clear_error(tmp_path, tfds_dir):
-    config = tiny_config(tfds_dir, dataset__manual_dir=str(tmp_path))
+def test_a_manual_dir_without_the_files_is_a_clear_error(tmp_path):
+    config = tiny_config(str(tmp_path / "tensorflow_datasets"), dataset__manual_dir=str(tmp_path))
     with pytest.raises(UserError, match="lacks the Fashion-MNIST files"):
         data_sources.get_source(config.dataset, "train", 1)
 

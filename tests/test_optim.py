@@ -65,6 +65,7 @@ def test_weight_decay_mask_on_a_real_parameter_tree():
     assert not optim.decay_mask(params, optim.FINETUNE_NO_DECAY)["encoder"]["cls_token"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch():
     # Plain SGD makes the new params linear in the gradient, so they expose any
     # difference between the accumulated and the large-batch gradient (Adam's
@@ -88,6 +89,7 @@ def test_gradient_accumulation_equals_the_large_batch():
     assert float(big_metrics["grad_norm"]) > 1e-3  # a real gradient
 
 
+@pytest.mark.slow
 def test_the_step_key_depends_only_on_the_step():
     model, params = mae_params()
     config = config_lib.base_config()
@@ -100,6 +102,7 @@ def test_the_step_key_depends_only_on_the_step():
     assert loss(5) == loss(5) and loss(5) != loss(6)
 
 
+@pytest.mark.slow
 def test_grad_clip_clips_the_global_norm_before_adamw():
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
     config = config_lib.base_config()

@@ -63,6 +63,7 @@ def run_both(cfg, batch=3, seed=0):
     return torch_model, model, params, images, noise, ref, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_forward_matches_official_model(size):
     _, _, _, _, _, ref, out = run_both(SIZES[size])
@@ -71,6 +72,7 @@ def test_forward_matches_official_model(size):
     assert rel_err(out["loss"], ref.loss.detach().numpy()) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_gradients_match_official_model(size):
     cfg = SIZES[size]

@@ -108,6 +108,7 @@ def saved_positions(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path, tfds_dir, reference):
     workdir = str(tmp_path / "run")
     proc = start(workdir, tfds_dir)
@@ -124,6 +125,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path, tfds_dir, 
     assert_same_losses(workdir, reference)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path, tfds_dir, reference):
     workdir = str(tmp_path / "run")
     killed_at = kill_after_first_checkpoint(start(workdir, tfds_dir), workdir)
@@ -134,6 +136,7 @@ def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path, tfds
     assert_same_losses(workdir, reference)
 
 
+@pytest.mark.slow
 def test_an_interrupted_save_is_ignored(tmp_path, tfds_dir, reference):
     # What kill -9 during an asynchronous save leaves: a step directory that
     # orbax never finalised (no commit marker, partial arrays).
@@ -151,6 +154,7 @@ def test_an_interrupted_save_is_ignored(tmp_path, tfds_dir, reference):
     assert not os.path.exists(partial)
 
 
+@pytest.mark.slow
 def test_the_input_position_is_saved_with_every_checkpoint(tmp_path, tfds_dir):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(tfds_dir, **{**RUN, "total_steps": 8}), workdir)

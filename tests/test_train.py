@@ -17,6 +17,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cli_pretrains_writes_everything_and_continues(tmp_path, tfds_dir):
     workdir = str(tmp_path / "run")
     args = ["--config=configs/mae_fmnist.py", f"--workdir={workdir}", *cli_overrides(tfds_dir)]
@@ -49,6 +50,7 @@ def test_the_default_workdir_is_named_after_the_config(tmp_path, tfds_dir):
     assert main.default_workdir("/x/configs/mae_fmnist.py:arg") == os.path.join("workdirs", "mae_fmnist")
 
 
+@pytest.mark.slow
 def test_loss_falls_over_100_steps_on_real_data(pretrained_workdir):
     rows = [r for r in read_metrics(pretrained_workdir) if "loss" in r]
     assert rows[-1]["step"] == 100
@@ -56,6 +58,7 @@ def test_loss_falls_over_100_steps_on_real_data(pretrained_workdir):
     assert last < 0.75 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_knn_monitor_logs_during_pretraining(pretrained_workdir):
     knn = [r for r in read_metrics(pretrained_workdir) if "knn_top1" in r]
     assert [r["step"] for r in knn] == [50, 100]

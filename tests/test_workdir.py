@@ -117,6 +117,13 @@ def test_a_second_cli_run_on_a_busy_workdir_is_refused_in_one_line(tmp_path, tfd
 # --- the workdir itself ------------------------------------------------------------------
 
 
+def test_a_url_workdir_is_refused_and_no_local_folder_appears(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="is a URL"):
+        workdir_lib.check_usable("gs://bucket/run")
+    assert os.listdir(tmp_path) == []  # no local "gs:" folder
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
@@ -203,6 +210,7 @@ def snapshot(workdir):
     return config_json, sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
 
+@pytest.mark.slow
 def test_resuming_with_another_width_names_the_change_and_keeps_everything(tmp_path, tfds_dir, trained):
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
@@ -218,6 +226,7 @@ def test_resuming_with_another_width_names_the_change_and_keeps_everything(tmp_p
     assert not os.path.exists(os.path.join(workdir, workdir_lib.LEASE_FILE))
 
 
+@pytest.mark.slow
 def test_config_json_is_rewritten_only_after_a_resume_succeeds(tmp_path, tfds_dir, trained):
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
@@ -233,11 +242,13 @@ def diffmae_sample_config(tfds_dir, **overrides):
     return tiny_config(tfds_dir, base="configs/diffmae_fmnist.py", task="sample", **overrides)
 
 
+@pytest.mark.slow
 def test_sampling_an_mae_workdir_is_refused_before_any_work(tmp_path, tfds_dir, trained):
     with pytest.raises(UserError, match=r"holds a 'mae' model .* needs a 'diffmae' model"):
         sample.run(diffmae_sample_config(tfds_dir), trained)
 
 
+@pytest.mark.slow
 def test_the_mae_to_compare_with_is_checked_before_sampling(tmp_path, trained):
     with pytest.raises(UserError, match=r"compare_mae_from='.*absent' does not exist"):
         sample.load_mae(str(tmp_path / "absent"))
@@ -254,6 +265,7 @@ def test_the_mae_to_compare_with_is_checked_before_sampling(tmp_path, trained):
     assert mae.norm_pix_loss is not None and "decoder" in params
 
 
+@pytest.mark.slow
 def test_init_from_falls_back_past_a_damaged_newest_checkpoint(tmp_path, tfds_dir, trained, caplog):
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
@@ -267,7 +279,7 @@ def test_init_from_falls_back_past_a_damaged_newest_checkpoint(tmp_path, tfds_di
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]  # read-only: untouched
 
 
-def test_the_sample_config_does_not_replace_the_training_config(tmp_path, tfds_dir):
-    t = task.Task(diffmae_sample_config(tfds_dir), str(tmp_path), None, None, True)
+def test_the_sample_config_does_not_replace_the_training_config(tmp_path):
+    t = task.Task(diffmae_sample_config(str(tmp_path / "data")), str(tmp_path), None, None, True)
     task.record_config(t, filename=task.SAMPLE_CONFIG_FILE)
     assert os.listdir(tmp_path) == [task.SAMPLE_CONFIG_FILE]

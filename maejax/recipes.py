@@ -70,7 +70,7 @@ def fmnist_pretrain():
 
     A 6-block, 128-wide ViT with patch 4 on 28x28 grey images (49 patches, 12
     visible) and a 64-wide 2-block decoder; pixel targets; batch 256 for 400
-    steps (1.7 epochs), blr 1.5e-3 with 50 warmup steps: about six minutes on
+    steps (1.7 epochs), blr 1.5e-3 with 50 warmup steps: 7 to 10 minutes of training on
     2 CPU cores. Reads Debian's Fashion-MNIST files offline when present.
     """
     c = base_config()

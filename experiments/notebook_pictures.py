@@ -57,7 +57,7 @@ def main():
             f.write(base64.b64decode(picture))
         print("wrote", path)
     for c in notebook.cells:
-        for o in c.outputs:
+        for o in c.get("outputs", []):
             if o.get("name") == "stdout" and ("psnr" in o["text"] or "skipping" in o["text"]):
                 print(o["text"].strip()[-400:])
 

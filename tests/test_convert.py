@@ -135,9 +135,10 @@ CONFIG_FILE = textwrap.dedent(
 
 
 def run_convert(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    """`python -m maejax.convert ARGS` on CPU, never reaching for the hub."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "maejax.convert", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "maejax.convert", *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import types
 import warnings
@@ -28,6 +27,7 @@ from maejax import checkpoint, convert, convert_cli, hf_format, models, weights_
 from maejax.config import base_config
 from maejax.errors import ConfigError, UserError
 from tests import torch_reference
+from tests.test_convert import run_convert
 
 CFG = dict(
     image_size=16,
@@ -338,13 +338,6 @@ def get_config(arg=None):
     c.model.norm_pix_loss = True
     return c
 """
-
-
-def run_convert(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "maejax.convert", *args], capture_output=True, text=True, env=env, timeout=600
-    )
 
 
 @pytest.mark.slow

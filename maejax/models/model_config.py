@@ -114,7 +114,7 @@ def resolve(model_config) -> ml_collections.ConfigDict:
 
     Args:
       model_config: a ConfigDict or dict with any subset of the fields in
-        DEFAULTS (DESIGN.md "config.model").
+        DEFAULTS (the README, "Using the model").
 
     Returns:
       A new ConfigDict with every field set; `encoder` carries explicit

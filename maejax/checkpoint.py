@@ -3,7 +3,6 @@
 import contextlib
 import json
 import logging
-import os
 import time
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from maejax import paths
 from maejax.errors import UserError
 
 PARAMS_DIR = "params"
@@ -18,7 +18,7 @@ PARAMS_DIR = "params"
 
 def save_params(workdir: str, params) -> str:
     """Write a params-only checkpoint to WORKDIR/params (replacing an old one)."""
-    path = os.path.abspath(os.path.join(workdir, PARAMS_DIR))
+    path = paths.absolute(paths.join(workdir, PARAMS_DIR))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, jax.tree.map(np.asarray, params), force=True)
     checkpointer.wait_until_finished()
@@ -27,7 +27,7 @@ def save_params(workdir: str, params) -> str:
 
 def load_params_dir(path: str):
     """Params from a params-only checkpoint directory, as NumPy arrays."""
-    return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    return ocp.StandardCheckpointer().restore(paths.absolute(path))
 
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -137,7 +137,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
+        self.directory = paths.absolute(paths.join(workdir, CHECKPOINTS_DIR))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -210,7 +210,7 @@ class Checkpointer:
     def _restore(self, step: int, abstract_state) -> dict:
         """Restore one step; raises _Damaged or CheckpointMismatch, lets other errors through."""
         try:
-            saved = read_tree_metadata(os.path.join(self.directory, str(step), "state"))
+            saved = read_tree_metadata(paths.join(self.directory, str(step), "state"))
         except Exception as e:
             if is_damage(e):
                 raise _Damaged(_first_line(e)) from e
@@ -230,9 +230,9 @@ class Checkpointer:
         """Move damaged steps to checkpoints/damaged/, so the resumed run can save those steps again."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for step in steps:
-            target = os.path.join(self.directory, DAMAGED_DIR, f"{step}-{stamp}")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(os.path.join(self.directory, str(step)), target)
+            target = paths.join(self.directory, DAMAGED_DIR, f"{step}-{stamp}")
+            paths.makedirs(paths.join(self.directory, DAMAGED_DIR))
+            paths.move(paths.join(self.directory, str(step)), target)
             logging.warning("moved damaged checkpoint step %d to %s", step, target)
         self.manager.reload()
 
@@ -322,11 +322,11 @@ def load_params(path: str):
     Raises:
       UserError: `path` holds neither.
     """
-    params_dir = os.path.join(path, PARAMS_DIR)
-    if os.path.isdir(params_dir):
+    params_dir = paths.join(path, PARAMS_DIR)
+    if paths.isdir(params_dir):
         return load_params_dir(params_dir), f"{params_dir}"
-    checkpoints_dir = os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))
-    if os.path.isdir(checkpoints_dir):
+    checkpoints_dir = paths.absolute(paths.join(path, CHECKPOINTS_DIR))
+    if paths.isdir(checkpoints_dir):
         step, params = _latest_params(checkpoints_dir)
         if step is not None:
             return params, f"{checkpoints_dir} step {step}"

@@ -7,12 +7,11 @@ whose default is "unset" are typed placeholders (None until given).
 
 import json
 import math
-import os
 
 import ml_collections
 from ml_collections import config_dict
 
-from maejax import input_pipeline
+from maejax import input_pipeline, paths
 from maejax.models import model_config
 
 TASKS = ("pretrain", "finetune", "linprobe", "sample")
@@ -173,14 +172,10 @@ def with_resolved_model(config) -> ml_collections.ConfigDict:
 
 
 def write_config_json(config, workdir: str, filename: str = "config.json") -> str:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, filename)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    path = paths.join(workdir, filename)
+    paths.write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
 
 def read_config_json(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(workdir, "config.json"))))

@@ -3,11 +3,9 @@
 The flags themselves and the entry point are in `maejax.convert`.
 """
 
-import os
-
 import numpy as np
 
-from maejax import hf_format, weights_io
+from maejax import hf_format, paths, weights_io
 from maejax.convert import WeightsError, check_params_fit, params_from_torch, params_to_torch
 from maejax.errors import ConfigError, UserError
 from maejax.models import model_config
@@ -17,8 +15,8 @@ def _model_of_workdir(workdir: str, config):
     """The resolved model of a maejax workdir: its config.json, checked against --config if both exist."""
     from maejax import config as config_lib
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.isfile(path):
         if config is None:
             raise WeightsError(f"{workdir} has no config.json: pass --config=FILE naming its model")
         return model_config.resolve(config.model)

@@ -22,11 +22,14 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import threading
+import time
 import urllib.parse
 
 import numpy as np
 
+from maejax import paths
 from maejax.errors import ConfigError, UserError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -95,12 +98,31 @@ def fashion_mnist_local_dir(manual_dir: str | None) -> str | None:
 
 
 def tfds_builder(dataset_config):
-    """A prepared tfds builder in array_record format (prepares it on first use)."""
+    """A prepared tfds builder in array_record format (prepares it on first use).
+
+    A data_dir on a store (gs://...) is read from a local copy: see `staged_builder`.
+    """
+    if paths.is_url(dataset_config.data_dir or ""):
+        return staged_builder(dataset_config)
+    builder = _unprepared_builder(dataset_config)
+    if not builder.is_prepared():
+        download_config = _download_config(dataset_config)
+        builder = _prepare_once(builder, download_config, lambda: tfds_builder(dataset_config))
+    return builder
+
+
+def _download_config(dataset_config):
+    import tensorflow_datasets as tfds
+
+    return tfds.download.DownloadConfig(manual_dir=dataset_config.manual_dir)
+
+
+def _unprepared_builder(dataset_config):
+    """tfds' builder for the config's dataset under its data_dir, prepared or not."""
     import tensorflow_datasets as tfds
 
     name, data_dir, manual_dir = dataset_config.name, dataset_config.data_dir, dataset_config.manual_dir
     kwargs = {"data_dir": data_dir, "file_format": "array_record"}
-    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     if name == "fashion_mnist":
         local = fashion_mnist_local_dir(manual_dir)
         builder = _local_fashion_mnist_builder(local)(**kwargs) if local else tfds.builder(name, **kwargs)
@@ -117,9 +139,85 @@ def tfds_builder(dataset_config):
             "holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (tfds builds it once, in "
             "array_record format)",
         )
-    if not builder.is_prepared():
-        builder = _prepare_once(builder, download_config, lambda: tfds_builder(dataset_config))
     return builder
+
+
+DATA_CACHE_ENV = "MAEJAX_DATA_CACHE"
+# tfds writes this last when it prepares a version; maejax uploads it last too.
+DATASET_INFO = "dataset_info.json"
+
+
+def staging_dir(url: str) -> str:
+    """Where a host keeps its copy of the datasets under `url`: $MAEJAX_DATA_CACHE/<scheme>/<path>."""
+    root = os.environ.get(DATA_CACHE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "maejax", "datasets"
+    )
+    return os.path.join(root, *url.replace("://", "/", 1).split("/"))
+
+
+def staged_builder(dataset_config):
+    """The dataset of a data_dir on a store, read from a local copy on each host.
+
+    tfds' array_record reader opens local files only, so each host copies the
+    prepared version folder (e.g. fashion_mnist/3.0.1) from the store once,
+    into `staging_dir(data_dir)`, and reads it there; later runs find the
+    copy and skip the download. A dataset not on the store yet is built
+    locally by process 0 and uploaded (what `maejax.prepare_data` does ahead
+    of a run), its dataset_info.json last, so that nobody takes a partial
+    upload for a prepared dataset.
+    """
+    url = dataset_config.data_dir
+    paths.check_backend(url, "config.dataset.data_dir")
+    local_config = dataset_config.copy_and_resolve_references()
+    local_config.data_dir = staging_dir(url)
+    builder = _unprepared_builder(local_config)
+    if builder.is_prepared():
+        return builder
+    relative = os.path.relpath(os.fspath(builder.data_dir), local_config.data_dir)
+    remote = paths.join(url, *relative.split(os.sep))
+    if paths.exists(paths.join(remote, DATASET_INFO)):
+        _download(remote, os.fspath(builder.data_dir))
+        return _unprepared_builder(local_config)
+
+    def upload(prepared):
+        _upload(os.fspath(prepared.data_dir), remote)
+
+    return _prepare_once(
+        builder, _download_config(dataset_config), lambda: staged_builder(dataset_config), after=upload
+    )
+
+
+def _download(remote: str, local: str) -> None:
+    """Copy a prepared version folder from the store; the local folder appears complete or not at all."""
+    started = time.perf_counter()
+    partial = f"{local}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)  # and the parents `local` is renamed into
+    files = paths.copy_to_local(remote, partial)
+    try:
+        os.rename(partial, local)
+    except OSError:  # another process on this host staged it first
+        shutil.rmtree(partial, ignore_errors=True)
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(local) for f in files)
+    logging.warning(
+        "staged %s to %s: %d files, %.1f MB in %.1f s",
+        remote,
+        local,
+        files,
+        size / 1e6,
+        time.perf_counter() - started,
+    )
+
+
+def _upload(local: str, remote: str) -> None:
+    """Copy a prepared version folder to the store, dataset_info.json last."""
+    names = [
+        os.path.relpath(os.path.join(root, f), local) for root, _, files in os.walk(local) for f in files
+    ]
+    for name in sorted(names, key=lambda name: name == DATASET_INFO):
+        with open(os.path.join(local, name), "rb") as f:
+            paths.write_atomic(paths.join(remote, *name.split(os.sep)), f.read())
+    logging.warning("uploaded the prepared dataset %s to %s", local, remote)
 
 
 DATA_EXTRA = "maejax[data]"
@@ -138,11 +236,13 @@ def require_tensorflow(name: str, data_dir) -> None:
         )
 
 
-def _prepare_once(builder, download_config, rebuild):
+def _prepare_once(builder, download_config, rebuild, after=None):
     """Build the dataset on process 0 while the others wait, then open what it wrote.
 
     Every process preparing into a shared data_dir at once would race; where
     data_dir is local to each host, the others build their own copy after.
+    `after(builder)` runs on process 0 once the dataset is built, before the
+    others go on (the upload of a dataset for a store).
     """
     import jax
 
@@ -152,6 +252,8 @@ def _prepare_once(builder, download_config, rebuild):
 
     if jax.process_index() == 0:
         prepare(builder)
+        if after is not None:
+            after(builder)
     if jax.process_count() == 1:
         return builder
     from jax.experimental import multihost_utils
@@ -250,10 +352,9 @@ def check_classes(workdir: str, classes: list | None) -> None:
     """
     if classes is None:
         return
-    path = os.path.join(workdir, CLASSES_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    path = paths.join(workdir, CLASSES_FILE)
+    if paths.exists(path):
+        saved = json.loads(paths.read_text(path))
         if list(saved) != list(classes):
             added, missing = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
             change = f"added {added}, missing {missing}" if added or missing else "the same names, reordered"
@@ -263,13 +364,9 @@ def check_classes(workdir: str, classes: list | None) -> None:
                 "workdir"
             )
         return
-    os.makedirs(workdir, exist_ok=True)
-    # Every process may get here first: each writes its own temporary file and
-    # renames it atomically, so a reader never sees a partial list.
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(list(classes), f, indent=1)
-    os.replace(tmp, path)
+    # Every process may get here first: each replaces the file atomically with
+    # the same list, so a reader never sees a partial one.
+    paths.write_atomic(path, json.dumps(list(classes), indent=1))
 
 
 def eight_bit(img):

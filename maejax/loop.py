@@ -7,13 +7,12 @@ input, then hand them to `run`.
 
 import dataclasses
 import math
-import os
 import signal
 from collections.abc import Callable
 
 import jax
 
-from maejax import input_pipeline, sharding, writers
+from maejax import input_pipeline, paths, sharding, writers
 from maejax.errors import UserError
 
 
@@ -98,7 +97,7 @@ def run(task, run, *, step_fn, loader, make_batch: Callable, total_steps: int, h
     resumed = (
         f"resuming at step {start_step} (input batch {loader.position})" if run.restored else "from scratch"
     )
-    progress.print(f"training {total_steps} steps, {resumed}; workdir {os.path.abspath(workdir)}")
+    progress.print(f"training {total_steps} steps, {resumed}; workdir {paths.absolute(workdir)}")
     last_saved = ckpt.all_steps()[-1] if ckpt.all_steps() else None
     last, step = {}, start_step
     with PreemptionWatcher(ckpt, jax.process_count() == 1) as preemption:
@@ -142,7 +141,7 @@ def run(task, run, *, step_fn, loader, make_batch: Callable, total_steps: int, h
     if step == total_steps:
         progress.print(
             f"done: {step} steps. metrics {writer.metrics_path}; images "
-            f"{os.path.join(workdir, writers.IMAGES_DIR)}; checkpoints {ckpt.directory}"
+            f"{paths.join(workdir, writers.IMAGES_DIR)}; checkpoints {ckpt.directory}"
         )
     return last
 

@@ -25,6 +25,7 @@ from maejax import (
     evaluate,
     input_pipeline,
     models,
+    paths,
     preprocess,
     train_step,
     visualize,
@@ -242,9 +243,8 @@ def _sample(task) -> dict:
         rows = [np.asarray(c)[:GRID_ROWS] for c in columns]  # metrics use every image
         path = writer.write_image(0, name, visualize.grid(rows), f"{name}.png")
         writer.close()
-        metrics_path = os.path.join(workdir, METRICS_FILE)
-        with open(metrics_path, "w") as f:
-            json.dump({**metrics, **info, "image": path}, f, indent=2)
+        metrics_path = paths.join(workdir, METRICS_FILE)
+        paths.write_atomic(metrics_path, json.dumps({**metrics, **info, "image": path}, indent=2))
         print(json.dumps(metrics))
         print(f"wrote {path} ({info['grid_columns']}) and {metrics_path}")
     return metrics

@@ -18,12 +18,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 
 import jax
 from ml_collections import ConfigDict
 
-from maejax import checkpoint, data_sources, sharding, validate, writers
+from maejax import checkpoint, data_sources, paths, sharding, validate, writers
 from maejax import config as config_lib
 from maejax import workdir as workdir_lib
 from maejax.errors import ConfigError, UserError
@@ -129,7 +128,7 @@ def restore_or_init(task: Task, init_fn, *init_args) -> Run:
         changed = changed_fields(saved_config(task.workdir), config)
         hint = f"; config fields changed since it was written: {changed}" if changed else ""
         raise UserError(
-            f"{e}{hint}. Resume with the config in {os.path.join(task.workdir, CONFIG_FILE)}, "
+            f"{e}{hint}. Resume with the config in {paths.join(task.workdir, CONFIG_FILE)}, "
             "or pass another --workdir"
         ) from None
     if restored:
@@ -158,12 +157,11 @@ def record_config(task: Task, resumed: bool = False, filename: str = CONFIG_FILE
 
 def saved_config(workdir: str, filename: str = CONFIG_FILE) -> dict | None:
     """The config a workdir was last run with (as JSON), or None."""
-    path = os.path.join(workdir, filename)
-    if not os.path.exists(path):
+    path = paths.join(workdir, filename)
+    if not paths.exists(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (OSError, ValueError):
         logging.warning("cannot read %s; not comparing configs", path)
         return None
@@ -203,7 +201,8 @@ def source_model(path: str, expected_name: str, label: str) -> ConfigDict | None
     Raises:
       UserError: `path` does not exist or holds another kind of model.
     """
-    if not os.path.isdir(path):
+    paths.check_backend(path, label)
+    if not paths.isdir(path):
         raise UserError(f"{label}={path!r} does not exist: point it at a maejax workdir")
     saved = saved_config(path)
     if saved is None:

@@ -17,12 +17,14 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from maejax import paths
+
 FILE_VERSION = "brain.Event:2"
 
 
 def event_file_name(logdir: str) -> str:
     """A new file name in TensorBoard's pattern, unique per process and start time."""
-    return os.path.join(
+    return paths.join(
         logdir, f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.maejax"
     )
 
@@ -47,9 +49,8 @@ class EventFile:
     """
 
     def __init__(self, logdir: str, resumed_at: int | None = None):
-        os.makedirs(logdir, exist_ok=True)
         self.path = event_file_name(logdir)
-        self._records = RecordWriter(open(self.path, "ab"))  # noqa: SIM115 (closed in close())
+        self._records = RecordWriter(paths.AppendFile(self.path, binary=True))
         self._write(event_pb2.Event(file_version=FILE_VERSION))
         if resumed_at is not None:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)

@@ -13,7 +13,7 @@ that depend on the task (files that must exist, required fields) wait for it.
 
 import os
 
-from maejax import augment, checks, data_sources, diffusion, sharding
+from maejax import augment, checks, data_sources, diffusion, paths, sharding
 from maejax import config as config_lib
 from maejax.errors import ConfigError
 from maejax.models import model_config, vit
@@ -51,7 +51,8 @@ def _choice(config, field: str, choices):
 
 def _existing_dir(config, field: str, valid: str) -> None:
     path = _get(config, field)
-    if not os.path.isdir(path):
+    paths.check_backend(path, f"config.{field}")
+    if not paths.isdir(path):
         raise ConfigError(field, path, valid)
 
 

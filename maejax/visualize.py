@@ -1,11 +1,8 @@
 """Image grids for people: MAE reconstructions and inpainting panels, as PNG."""
 
-import os
-
 import numpy as np
-from PIL import Image
 
-from maejax import preprocess
+from maejax import paths, preprocess, tensorboard_events
 from maejax.models import masking
 from maejax.models.mae import denormalize_patches
 
@@ -36,10 +33,8 @@ def grid(columns: list, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    array = image[..., 0] if image.shape[-1] == 1 else image
-    Image.fromarray(array).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    """Write a uint8 (H, W, C) image as PNG, locally or to a store, never leaving a torn file."""
+    paths.write_atomic(path, tensorboard_events.png_bytes(image))
 
 
 def predicted_images(pred, images, patch_size: int, norm_pix_loss: bool):

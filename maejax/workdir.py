@@ -21,11 +21,13 @@ import threading
 import time
 import uuid
 
+from maejax import paths
 from maejax.errors import UserError
 
 LEASE_FILE = "lease.json"
 HEARTBEAT_EVERY_S = 30.0
 STALE_AFTER_S = 300.0
+STORE_PROBE_TIMEOUT_S = 30.0
 
 
 class WorkdirInUse(UserError):
@@ -33,18 +35,16 @@ class WorkdirInUse(UserError):
 
 
 def check_usable(workdir: str) -> None:
-    """Refuse, in one line, a workdir that is a URL, a file, or cannot be written.
+    """Refuse, in one line, a workdir that is a file, cannot be written, or has no store backend.
 
-    Creates the folder when it does not exist yet. URLs (gs://...) are refused
-    until every write under a workdir goes through a path layer that knows
-    them: os.path would silently make `gs://b/x` a local folder `gs:/b/x` on
-    each host, and a preempted VM would come back with nothing.
+    Creates the folder when it does not exist yet. A URL (gs://bucket/run)
+    needs its fsspec backend installed (gcsfs for gs://) and credentials that
+    can write there; both are tried here, before anything compiles.
     """
-    if "://" in workdir:
-        raise UserError(
-            f"workdir {workdir!r} is a URL; maejax writes workdirs through the local filesystem only "
-            "for now: use a local or shared (NFS, a gcsfuse mount) folder"
-        )
+    paths.check_backend(workdir, "workdir")
+    if paths.is_url(workdir):
+        _check_store_writable(workdir)
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir!r} is a file, not a folder: pass another --workdir")
     try:
@@ -56,6 +56,40 @@ def check_usable(workdir: str) -> None:
             f"workdir {workdir!r} cannot be written ({e.strerror or type(e).__name__}): "
             "pass a writable --workdir"
         ) from None
+
+
+def _check_store_writable(workdir: str) -> None:
+    """Write and delete one small object under the URL; a failure is one line naming the cause.
+
+    Bounded by STORE_PROBE_TIMEOUT_S: the store client retries an unreachable
+    host with backoff for about a minute, which would look like a hang.
+    """
+    probe = paths.join(workdir, f".write-check-{uuid.uuid4().hex[:8]}")
+    outcome = {}
+
+    def write_and_delete():
+        try:
+            paths.write_atomic(probe, "")
+            paths.remove(probe)
+            outcome["ok"] = True
+        except Exception as e:  # auth, network, a missing bucket: the store's own words say which
+            outcome["error"] = e
+
+    thread = threading.Thread(target=write_and_delete, daemon=True, name="maejax-store-probe")
+    thread.start()
+    thread.join(STORE_PROBE_TIMEOUT_S)
+    if outcome.get("ok"):
+        return
+    error = outcome.get("error")
+    if error is None:
+        cause = f"no answer within {STORE_PROBE_TIMEOUT_S:.0f} s"
+    else:
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        cause = f"{type(error).__name__}: {text}"
+    raise UserError(
+        f"workdir {workdir!r} cannot be written ({cause}): check that the bucket exists, "
+        "that this machine reaches it, and your credentials (gcloud auth application-default login)"
+    )
 
 
 def _now() -> float:
@@ -105,7 +139,8 @@ class Lease:
     def __init__(
         self, workdir: str, heartbeat_every_s: float = HEARTBEAT_EVERY_S, stale_after_s=STALE_AFTER_S
     ):
-        self.path = os.path.join(workdir, LEASE_FILE)
+        self.workdir = workdir
+        self.path = paths.join(workdir, LEASE_FILE)
         self._every = heartbeat_every_s
         self._stale_after = stale_after_s
         self._id = uuid.uuid4().hex
@@ -124,47 +159,54 @@ class Lease:
 
     def _read(self) -> dict | None:
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(paths.read_text(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):  # torn by a kill mid-write: treat as an unreadable, stale lease
             return {}
 
     def _create(self) -> bool:
-        """Write the lease only if no file exists (atomic on one filesystem)."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(_now()), f)
-        return True
+        """Write the lease only if none exists (O_EXCL locally, a create-only precondition on a store)."""
+        return paths.create_exclusive(self.path, json.dumps(self._record(_now())))
 
     def acquire(self) -> "Lease":
         """Take the workdir, or raise WorkdirInUse naming the live holder."""
         for _ in range(3):  # a racing run may create or retire the file between our steps
+            holder = self._read()
+            if holder is not None:
+                reason = (
+                    holder_is_gone(holder, self._stale_after) if holder else "its lease file is unreadable"
+                )
+                if reason is None:
+                    raise WorkdirInUse(
+                        f"workdir {self.workdir!r} is in use by another run ({describe(holder)}); "
+                        f"wait for it to finish or stop it. If it is dead, delete {self.path}"
+                    )
+                self._retire(holder, reason)
             if self._create():
                 break
-            holder = self._read()
-            if holder is None:
-                continue
-            reason = holder_is_gone(holder, self._stale_after) if holder else "its lease file is unreadable"
-            if reason is None:
-                raise WorkdirInUse(
-                    f"workdir {os.path.dirname(self.path)!r} is in use by another run ({describe(holder)}); "
-                    f"wait for it to finish or stop it. If it is dead, delete {self.path}"
-                )
-            # Retire the old lease by renaming it: of several runs taking over at once, one wins.
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, f"{self.path}.{self._id}.stale")
-                os.remove(f"{self.path}.{self._id}.stale")
-                logging.warning("took over the workdir lease from %s: %s", describe(holder), reason)
         else:
             raise WorkdirInUse(f"could not take the workdir lease {self.path}: other runs keep taking it")
         self._thread = threading.Thread(target=self._beat, daemon=True, name="maejax-lease")
         self._thread.start()
         return self
+
+    def _retire(self, holder: dict, reason: str) -> None:
+        """Remove a dead holder's lease so that `_create` can take it.
+
+        Locally by a rename first: of several runs taking over at once, one
+        wins. A store has no atomic rename; there the lease is deleted and
+        the create-only write decides; a run that still loses a race sees
+        the other's lease at its next heartbeat and stops before its next
+        checkpoint (`check`).
+        """
+        if paths.is_url(self.path):
+            paths.remove(self.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, f"{self.path}.{self._id}.stale")
+                os.remove(f"{self.path}.{self._id}.stale")
+        logging.warning("took over the workdir lease from %s: %s", describe(holder), reason)
 
     def _beat(self) -> None:
         started = _now()
@@ -174,16 +216,13 @@ class Lease:
                 self.lost = describe(holder) if holder else "nobody (the lease file is gone)"
                 logging.error("the workdir lease %s is now held by %s", self.path, self.lost)
                 return
-            tmp = f"{self.path}.{self._id}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self._record(holder.get("started", started)), f)
-            os.replace(tmp, self.path)
+            paths.write_atomic(self.path, json.dumps(self._record(holder.get("started", started))))
 
     def check(self) -> None:
         """Raise if another run has taken the workdir (checked before each checkpoint)."""
         if self.lost:
             raise WorkdirInUse(
-                f"another run took over workdir {os.path.dirname(self.path)!r} ({self.lost}); "
+                f"another run took over workdir {self.workdir!r} ({self.lost}); "
                 "this run stops without writing more"
             )
 
@@ -193,8 +232,7 @@ class Lease:
             self._thread.join(timeout=5)
         holder = self._read()
         if holder and holder.get("id") == self._id:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+            paths.remove(self.path)
 
     def __enter__(self):
         return self.acquire()

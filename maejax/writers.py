@@ -6,13 +6,12 @@ call it unconditionally.
 
 import json
 import logging
-import os
 import sys
 import time
 
 import numpy as np
 
-from maejax import tensorboard_events
+from maejax import paths, tensorboard_events
 
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
@@ -49,30 +48,31 @@ class Writer:
         self.workdir = workdir
         self.enabled = enabled
         self._tb = None
+        self._metrics = None  # opened after truncate_after, which may rewrite the file
         if enabled:
-            os.makedirs(os.path.join(workdir, IMAGES_DIR), exist_ok=True)
             self._tb = tensorboard_events.EventFile(workdir, resumed_at)
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.workdir, METRICS_FILE)
+        return paths.join(self.workdir, METRICS_FILE)
 
     def truncate_after(self, step: int) -> None:
         """Drop metric rows logged after `step` (a resumed run logs them again)."""
-        if not self.enabled or not os.path.exists(self.metrics_path):
+        if not self.enabled or not paths.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            rows = [line for line, row in readable_rows(f, self.metrics_path) if row.get("step", 0) <= step]
-        with open(self.metrics_path + ".tmp", "w") as f:
-            f.writelines(rows)
-        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        lines = paths.read_text(self.metrics_path).splitlines(keepends=True)
+        rows = [line for line, row in readable_rows(lines, self.metrics_path) if row.get("step", 0) <= step]
+        self._close_metrics()
+        paths.write_atomic(self.metrics_path, "".join(rows))
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._metrics is None:
+            self._metrics = paths.AppendFile(self.metrics_path)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
         self._tb.scalars(step, scalars)
         self._tb.flush()
 
@@ -82,13 +82,19 @@ class Writer:
             return None
         from maejax import visualize
 
-        path = os.path.join(self.workdir, IMAGES_DIR, filename)
+        path = paths.join(self.workdir, IMAGES_DIR, filename)
         visualize.save_png(path, grid)
         self._tb.image(step, name, grid)
         self._tb.flush()
         return path
 
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
     def close(self) -> None:
+        self._close_metrics()
         if self._tb is not None:
             self._tb.close()
 

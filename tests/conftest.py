@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# gcsfs reads this once, at import: without it, it asks the storage-control API (absent on the
+# fake GCS server of test_remote_workdir) for each bucket's type and logs a warning each time.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

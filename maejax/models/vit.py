@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maejax.models.attention import attention
+
 # (width, depth, num_heads, mlp_dim). 'mu' is a tiny size for tests.
 VARIANTS = {
     "mu": (32, 1, 2, 128),
@@ -104,17 +106,12 @@ def layer_norm(name: str, dtype: Any = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def attention(q, k, v, implementation=None):
-    """Multi-head attention on (B, T, H, d) inputs, through jax.nn's fused kernel.
-
-    `implementation='cudnn'` selects cuDNN flash attention on GPUs; None lets
-    XLA choose (the only option on CPU).
-    """
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
 class SelfAttention(nn.Module):
-    """timm-style attention: one fused qkv Linear (weight rows [q | k | v]), then proj."""
+    """timm-style attention: one fused qkv Linear (weight rows [q | k | v]), then proj.
+
+    `attention_impl` here and in every module below: None (XLA) or 'cudnn'
+    (cuDNN flash attention, padded to lengths it accepts; `attention.attention`).
+    """
 
     num_heads: int
     dtype: Any = jnp.float32
@@ -252,6 +249,8 @@ class Encoder(nn.Module):
         initialised to the sin-cos table (official fine-tuning does this).
       final_norm: end with LayerNorm `norm` (off for the average-pooling
         classifier, which normalises the pooled feature instead).
+      attention_impl: None (XLA) or 'cudnn' (cuDNN flash attention, the
+        sequence padded to a length it accepts; `attention.attention`).
     """
 
     spec: ViTSpec

@@ -208,6 +208,18 @@ def validate_sample(config) -> None:
         _existing_dir(config, "compare_mae_from", "an existing MAE workdir, or unset")
 
 
+def validate_attention(model) -> None:
+    """cuDNN's fused attention computes in 16 bits only: a float32 run would fail inside the compile.
+
+    Checked for runs, not in build_model: tests build float32 'cudnn' models
+    to check the padding logic with XLA standing in for the kernel.
+    """
+    if model.attention_impl == "cudnn" and model.dtype != "bfloat16":
+        raise ConfigError(
+            "model.attention_impl", "cudnn", f"needs model.dtype='bfloat16' (it is {model.dtype!r})"
+        )
+
+
 def validate(config, num_devices: int = 1, num_processes: int = 1):
     """Check the whole run config; return the resolved config.model.
 
@@ -216,6 +228,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
     """
     validate_run(config)
     resolved = model_config.resolve(config.model)
+    validate_attention(resolved)
     validate_batch(config, num_devices, num_processes)
     validate_schedule(config)
     validate_optimizer(config)

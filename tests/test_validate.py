@@ -212,6 +212,7 @@ def test_steps_per_epoch_is_one_function_that_refuses_a_batch_larger_than_the_da
 
 
 def test_cudnn_attention_needs_bfloat16_before_anything_compiles():
-    with pytest.raises(ConfigError, match=r"config.model.attention_impl='cudnn' is invalid: needs model.dtype"):
+    needs_bfloat16 = r"config.model.attention_impl='cudnn' is invalid: needs model.dtype"
+    with pytest.raises(ConfigError, match=needs_bfloat16):
         validate.validate(with_fields(cheap_base(), {"model.attention_impl": "cudnn"}))
     validate.validate(with_fields(cheap_base(), {"model.attention_impl": "cudnn", "model.dtype": "bfloat16"}))

@@ -26,7 +26,7 @@ from maejax import sharding as sharding_lib
 from maejax import task as task_lib
 from maejax.errors import ConfigError
 from maejax.finetune_input import batch_maker, train_transform
-from maejax.finetune_step import make_eval_step, make_step, split_trainable
+from maejax.finetune_step import make_eval_step, make_step, new_state, split_trainable
 
 MODEL_NAMES = ("classifier",)
 
@@ -91,15 +91,7 @@ def _finetune(task) -> dict:
     )
 
     def init(encoder):
-        params, stats = init_variables(encoder)
-        trainable, frozen = split_trainable(params, probe)
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": trainable,
-            "frozen": frozen,
-            "batch_stats": stats,
-            "opt": tx.init(trainable),
-        }
+        return new_state(*init_variables(encoder), tx, probe)
 
     # --- mesh, shard and checkpoint ----------------------------------------------------
     run = task_lib.restore_or_init(task, init, encoder)

@@ -18,6 +18,18 @@ def split_trainable(params: dict, probe: bool):
     return {"head": params["head"]}, {k: v for k, v in params.items() if k != "head"}
 
 
+def new_state(params: dict, batch_stats: dict, tx, probe: bool) -> dict:
+    """The train state at step 0: {step, params (trained), frozen, batch_stats, opt}."""
+    trainable, frozen = split_trainable(params, probe)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": trainable,
+        "frozen": frozen,
+        "batch_stats": batch_stats,
+        "opt": tx.init(trainable),
+    }
+
+
 def make_step(model, tx, schedule, base_key, probe: bool, grad_accum_steps: int):
     """(state, batch{image, target}) -> (state, metrics); state {step, params, frozen, batch_stats, opt}."""
 

@@ -72,8 +72,14 @@ def center_crop(image: np.ndarray, size: int, crop_ratio: float = 1.0) -> np.nda
 
 
 def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, C) -> float32 (x / 255 - mean) / std."""
-    return (image.astype(np.float32) / 255.0 - mean) / std
+    """uint8 (H, W, C) -> float32 (x / 255 - mean) / std, for float32 `mean` and `std`."""
+    # In place on the one float32 copy: the same float32 operations, in the same order, as
+    # (x / 255 - mean) / std, without its two temporary images.
+    out = image.astype(np.float32)
+    out /= 255.0
+    out -= mean
+    out /= std
+    return out
 
 
 def pretrain_transform(rng, image, size: int, scale, flip: bool, mean, std) -> np.ndarray:

@@ -88,28 +88,25 @@ def _store(path: str):
     return fsspec.core.url_to_fs(path)
 
 
-def exists(path) -> bool:
+def _ask(path, store_method: str, local_function):
+    """A yes/no question about `path`, put to its store or to the local filesystem."""
     path = os.fspath(path)
     if is_url(path):
         fs, key = _store(path)
-        return fs.exists(key)
-    return os.path.exists(path)
+        return getattr(fs, store_method)(key)
+    return local_function(path)
+
+
+def exists(path) -> bool:
+    return _ask(path, "exists", os.path.exists)
 
 
 def isdir(path) -> bool:
-    path = os.fspath(path)
-    if is_url(path):
-        fs, key = _store(path)
-        return fs.isdir(key)
-    return os.path.isdir(path)
+    return _ask(path, "isdir", os.path.isdir)
 
 
 def isfile(path) -> bool:
-    path = os.fspath(path)
-    if is_url(path):
-        fs, key = _store(path)
-        return fs.isfile(key)
-    return os.path.isfile(path)
+    return _ask(path, "isfile", os.path.isfile)
 
 
 def makedirs(path) -> None:

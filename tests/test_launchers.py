@@ -129,12 +129,19 @@ TPU_ENV = {"TPU_NAME": "mae-pod", "ZONE": "us-central2-b", "ACCELERATOR": "v4-16
 TPU_ARGS = ["--config=configs/mae_vitl.py", "--workdir=/mnt/bucket/run", "--config.note=it's here"]
 
 
-def test_tpu_pod_help_prints_usage_without_gcloud(checkout, fakes):
+@pytest.mark.parametrize(
+    "script, usage, variable",
+    [
+        ("tpu_pod.sh", "usage: TPU_NAME=NAME ZONE=ZONE", "WORKER_SETUP"),
+        ("gpu_slurm.sh", "usage: launch/gpu_slurm.sh [SBATCH_OPTION...] -- --config=CONFIG", "MAEJAX_VENV"),
+    ],
+)
+def test_help_prints_usage_and_runs_nothing(checkout, fakes, script, usage, variable):
     env, calls = fakes
-    result = launch(checkout, "tpu_pod.sh", ["--help"], env)
+    result = launch(checkout, script, ["--help"], env)
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: TPU_NAME=NAME ZONE=ZONE")
-    assert "WORKER_SETUP" in result.stdout
+    assert result.stdout.startswith(usage)
+    assert variable in result.stdout
     assert calls() == []
 
 
@@ -252,15 +259,6 @@ def job_env(env, checkout, tasks_per_node, gpus="8"):
         "SLURM_GPUS_ON_NODE": gpus,
         "MAEJAX_LOCAL_DEVICES": "left over from the caller",
     }
-
-
-def test_gpu_slurm_help_prints_usage(checkout, fakes):
-    env, calls = fakes
-    result = launch(checkout, "gpu_slurm.sh", ["--help"], env)
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: launch/gpu_slurm.sh [SBATCH_OPTION...] -- --config=CONFIG")
-    assert "MAEJAX_VENV" in result.stdout
-    assert calls() == []
 
 
 def test_gpu_slurm_one_task_per_gpu_installs_then_sruns(checkout, fakes):

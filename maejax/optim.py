@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maejax import config as config_lib
-
 FINETUNE_NO_DECAY = ("pos_embed", "cls_token")
 
 
@@ -126,6 +124,10 @@ def build_optimizer(config, params, num_train_examples: int, *, depth: int | Non
     Returns:
       (tx, schedule).
     """
+    # The run config pulls in ml_collections and the input pipeline; the pieces above must import
+    # without them (benchmarks/train_step.py runs on machines that have only jax and torch).
+    from maejax import config as config_lib
+
     opt = config.optimizer
     total = config_lib.total_steps(config, num_train_examples)
     warmup = config_lib.warmup_steps(config, num_train_examples)

@@ -40,6 +40,7 @@ from maejax.models.vit import (
     ViTSpec,
     dense,
     layer_norm,
+    materialize,
     sincos_2d,
 )
 
@@ -103,6 +104,7 @@ class DecoderBlock(nn.Module):
             )(nn.silu(temb))
             mods = jnp.split(mod, 3 * len(sublayers), axis=-1)
         for i, name in enumerate(sublayers):
+            x = materialize(x)  # the residual stream, as in vit.Block
             h = layer_norm(f"norm_{name}", self.dtype)(x)
             if self.adaln:
                 shift, scale, gate = mods[3 * i : 3 * i + 3]

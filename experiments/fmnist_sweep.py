@@ -42,6 +42,8 @@ FINETUNE = {
     "ft_light_blr3e-3_ld1": {**LIGHT, "optimizer.blr": 3e-3, "optimizer.layer_decay": 1.0},
     "ft_light_blr3e-3_ld0.9": {**LIGHT, "optimizer.blr": 3e-3, "optimizer.layer_decay": 0.9},
     "ft_light_blr3e-3_wu15": {**LIGHT, "optimizer.blr": 3e-3, "optimizer.warmup_steps": 15},
+    "ft_light_blr1e-2_ld1": {**LIGHT, "optimizer.blr": 1e-2, "optimizer.layer_decay": 1.0},
+    "ft_light_blr3e-2_ld1": {**LIGHT, "optimizer.blr": 3e-2, "optimizer.layer_decay": 1.0},
 }
 PROBE = {
     "lp_recipe": {},

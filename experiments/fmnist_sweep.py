@@ -7,7 +7,8 @@ below trained for a whole 150-step schedule of batch 256 from it (finetune or
 linprobe), evaluated on the 10,000 test images. Each setting's final
 eval_top1 goes to OUT/results.jsonl with the commit it ran at; a failed run
 stops the sweep (no silent gaps). Settings already in results.jsonl at this
-commit are skipped, so an interrupted sweep continues.
+commit are skipped, so an interrupted sweep continues. What it measured so
+far is in experiments/results/fmnist_sweep.jsonl (each row names its commit).
 """
 
 import argparse
@@ -43,7 +44,13 @@ FINETUNE = {
     "ft_light_blr3e-3_ld0.9": {**LIGHT, "optimizer.blr": 3e-3, "optimizer.layer_decay": 0.9},
     "ft_light_blr3e-3_wu15": {**LIGHT, "optimizer.blr": 3e-3, "optimizer.warmup_steps": 15},
     "ft_light_blr1e-2_ld1": {**LIGHT, "optimizer.blr": 1e-2, "optimizer.layer_decay": 1.0},
-    "ft_light_blr3e-2_ld1": {**LIGHT, "optimizer.blr": 3e-2, "optimizer.layer_decay": 1.0},
+    "ft_light_blr2e-3_ld1": {**LIGHT, "optimizer.blr": 2e-3, "optimizer.layer_decay": 1.0},
+    "ft_light_blr3e-3_ld1_wu30": {
+        **LIGHT,
+        "optimizer.blr": 3e-3,
+        "optimizer.layer_decay": 1.0,
+        "optimizer.warmup_steps": 30,
+    },
 }
 PROBE = {
     "lp_recipe": {},

@@ -52,6 +52,18 @@ FINETUNE = {
         "optimizer.warmup_steps": 30,
     },
 }
+# 28 px images leave little to crop: no RandomResizedCrop (flip only).
+NO_CROP = {"finetune.crop_scale": (1.0, 1.0)}
+FINETUNE.update(
+    {
+        "ft_light_nocrop_blr3e-3_ld1": {
+            **LIGHT,
+            **NO_CROP,
+            "optimizer.blr": 3e-3,
+            "optimizer.layer_decay": 1.0,
+        },
+    }
+)
 PROBE = {
     "lp_recipe": {},
     "lp_blr64": {"optimizer.blr": 64.0},
@@ -63,6 +75,12 @@ PROBE = {
         "optimizer.blr": 1e-2,
         "optimizer.weight_decay": 0.0,
         "model.pool": "avg",
+    },
+    "lp_nocrop_adamw_1e-2": {
+        **NO_CROP,
+        "optimizer.name": "adamw",
+        "optimizer.blr": 1e-2,
+        "optimizer.weight_decay": 0.0,
     },
 }
 

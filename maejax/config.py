@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.flip = True
     c.dataset.prefetch = 2  # batches prepared ahead by a background thread
     c.dataset.num_threads = 8  # threads decoding and augmenting examples
+    # Keep the whole training split on every device as uint8 and crop, resize, flip and
+    # normalise inside the train step (maejax/device_input.py): for datasets that fit in
+    # device memory (Fashion-MNIST: 47 MB), which the host pipeline cannot keep up with.
+    c.dataset.on_device = False
     # image_folder: an unreadable image stops the run naming it ('error'), or is
     # replaced by the next readable one with a warning naming it ('skip').
     c.dataset.bad_images = "error"

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from maejax import config as config_lib
-from maejax import input_pipeline, loop, models, optim, pretrained
+from maejax import data_sources, device_input, input_pipeline, loop, models, optim, pretrained
 from maejax import sharding as sharding_lib
 from maejax import task as task_lib
 from maejax.errors import ConfigError
-from maejax.finetune_input import batch_maker, train_transform
+from maejax.finetune_input import batch_maker, device_batch_maker, train_transform
 from maejax.finetune_step import make_eval_step, make_step, new_state, split_trainable
 
 MODEL_NAMES = ("classifier",)
@@ -66,6 +66,9 @@ def _finetune(task) -> dict:
             f"{config.dataset.name} has {train_source.num_classes} classes",
         )
     total_steps = config_lib.total_steps(config, len(train_source))
+    on_device, split = config.dataset.on_device, None
+    if on_device:  # read before anything compiles: a split that is no single array is refused first
+        split = device_input.read_split(train_source, config.dataset.num_threads, task.is_main)
     encoder, loaded = (None, "random initialisation")
     if config.init_from != pretrained.RANDOM_INIT:
         encoder, loaded = pretrained.pretrained_encoder(config.init_from)
@@ -99,12 +102,23 @@ def _finetune(task) -> dict:
         print(f"{config.task} from {loaded}", flush=True)
 
     # --- update and eval ---------------------------------------------------------------
-    step_fn = loop.compile_step(
-        make_step(model, tx, schedule, base_key, probe, config.grad_accum_steps),
-        run.state_shardings,
-        run.batch_sharding,
-        run.mesh,
-    )
+    step = make_step(model, tx, schedule, base_key, probe, config.grad_accum_steps)
+    shardings = (run.state_shardings, run.batch_sharding, run.mesh)
+    if on_device:
+        mean, std = data_sources.normalization(config.dataset, channels)
+        step_fn = device_input.compile_step(step, split, size, mean, std, *shardings)
+        # train_transform's crop and flip; validate refused the host-only augmentations.
+        scale = tuple(config.finetune.crop_scale)
+        loader = device_input.train_loader(config, split, run.position, scale, flip=True)
+        make_batch = device_batch_maker(config, resolved.num_classes, probe)
+    else:
+        step_fn = loop.compile_step(step, *shardings)
+        loader = loop.train_loader(
+            config, train_source, train_transform(config, size, channels, probe), run.position
+        )
+        make_batch, counter = batch_maker(config, resolved.num_classes, probe)
+        counter["batch"] = loader.position
+
     eval_fn = jax.jit(
         make_eval_step(model),
         in_shardings=(run.state_shardings, run.batch_sharding),
@@ -113,11 +127,6 @@ def _finetune(task) -> dict:
     eval_transform = input_pipeline.eval_transform(
         config.dataset, size, channels, config.finetune.eval_resize_ratio
     )
-    loader = loop.train_loader(
-        config, train_source, train_transform(config, size, channels, probe), run.position
-    )
-    make_batch, counter = batch_maker(config, resolved.num_classes, probe)
-    counter["batch"] = loader.position
 
     def run_eval(step, state):
         return evaluate_split(

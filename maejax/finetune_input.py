@@ -9,7 +9,7 @@ process), so a resumed run mixes exactly as an uninterrupted one.
 import jax
 import numpy as np
 
-from maejax import augment, data_sources, preprocess
+from maejax import augment, data_sources, device_input, preprocess
 
 # Separates the batch-mixing stream from the input pipeline's per-example streams.
 MIX_RNG_SALT = 0x313
@@ -67,3 +67,20 @@ def batch_maker(config, num_classes: int, probe: bool):
         return {"image": images, "target": targets}
 
     return make, counter
+
+
+def device_batch_maker(config, num_classes: int, probe: bool):
+    """batch_maker for on-device input: a DeviceLoader batch -> {index, box, flip, target}.
+
+    validate refuses mixup and cutmix with dataset.on_device, so the targets
+    are what batch_maker makes without them: one-hot, smoothed by
+    finetune.label_smoothing when fine-tuning, not at all when probing. They
+    are built here on the host from the labels, with the same function.
+    """
+    smoothing = 0.0 if probe else config.finetune.label_smoothing
+
+    def make(batch):
+        targets = augment.one_hot_smoothed(batch["label"], num_classes, smoothing)
+        return {**device_input.plan(batch), "target": targets}
+
+    return make

@@ -13,6 +13,7 @@ import numpy as np
 from maejax import config as config_lib
 from maejax import (
     data_sources,
+    device_input,
     input_pipeline,
     loop,
     models,
@@ -66,6 +67,9 @@ def _pretrain(task) -> dict:
     num_train = len(train_source)
     total_steps = config_lib.total_steps(config, num_train)
     mean, std = data_sources.normalization(config.dataset, channels)
+    on_device, split = config.dataset.on_device, None
+    if on_device:  # read before anything compiles: a split that is no single array is refused first
+        split = device_input.read_split(train_source, config.dataset.num_threads, task.is_main)
 
     # --- model and optimizer ---------------------------------------------------
     model = models.build_model(model_cfg)
@@ -79,14 +83,18 @@ def _pretrain(task) -> dict:
     writer = run.writer
 
     # --- update ----------------------------------------------------------------
-    step_fn = loop.compile_step(
-        train_step.make_train_step(model, tx, schedule, base_key, config.grad_accum_steps),
-        run.state_shardings,
-        run.batch_sharding,
-        run.mesh,
-    )
-    transform = input_pipeline.pretrain_transform(config.dataset, size, channels)
-    loader = loop.train_loader(config, train_source, transform, run.position)
+    step = train_step.make_train_step(model, tx, schedule, base_key, config.grad_accum_steps)
+    shardings = (run.state_shardings, run.batch_sharding, run.mesh)
+    if on_device:
+        step_fn = device_input.compile_step(step, split, size, mean, std, *shardings)
+        scale, flip = tuple(config.dataset.crop_scale), bool(config.dataset.flip)
+        loader = device_input.train_loader(config, split, run.position, scale, flip)
+        make_batch = device_input.plan
+    else:
+        step_fn = loop.compile_step(step, *shardings)
+        transform = input_pipeline.pretrain_transform(config.dataset, size, channels)
+        loader = loop.train_loader(config, train_source, transform, run.position)
+        make_batch = lambda batch: {"image": batch["image"]}
 
     # --- evals: reconstructions of fixed held-out images, kNN monitor ----------
     eval_transform = input_pipeline.eval_transform(config.dataset, size, channels)
@@ -123,7 +131,7 @@ def _pretrain(task) -> dict:
         run,
         step_fn=step_fn,
         loader=loader,
-        make_batch=lambda batch: {"image": batch["image"]},
+        make_batch=make_batch,
         total_steps=total_steps,
         hooks=hooks,
     )

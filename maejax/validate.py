@@ -135,6 +135,34 @@ def validate_dataset(config) -> None:
         data_sources.fashion_mnist_local_dir(ds.manual_dir)  # raises when the given folder lacks the files
     _choice(config, "dataset.bad_images", data_sources.BAD_IMAGE_POLICIES)
     _check(config, "dataset.check_images", checks.boolean)
+    _check(config, "dataset.on_device", checks.boolean)
+
+
+# Fine-tuning augmentations that only the host pipeline implements (PIL or whole-batch NumPy):
+# field -> what it does, for the refusal. The linear probe applies none of them.
+HOST_ONLY_AUGMENTATIONS = {
+    "finetune.randaug_ops": "RandAugment",
+    "finetune.reprob": "random erasing",
+    "finetune.mixup": "mixup",
+    "finetune.cutmix": "cutmix",
+}
+
+
+def validate_on_device(config) -> None:
+    """dataset.on_device: no fine-tuning augmentation that only the host implements.
+
+    Whether the split fits the one-uint8-array model (every image the same
+    size) is known only from the images: device_input.read_split checks it as
+    it reads them, still before anything compiles.
+    """
+    if not config.dataset.on_device or config.task != "finetune":
+        return
+    for field, name in HOST_ONLY_AUGMENTATIONS.items():
+        value = _get(config, field)
+        if value > 0:
+            raise ConfigError(
+                field, value, f"must be 0 with dataset.on_device=True ({name} runs on the host only)"
+            )
 
 
 def validate_mesh(config, num_devices: int) -> None:
@@ -236,6 +264,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
     validate_mesh(config, num_devices)
     validate_init_from(config)
     validate_finetune(config)
+    validate_on_device(config)
     validate_knn(config)
     validate_sample(config)
     return resolved

@@ -70,6 +70,7 @@ BAD = {
     "dataset.num_threads": (0, {}),
     "dataset.bad_images": ("ignore", {}),
     "dataset.check_images": ("yes", {}),
+    "dataset.on_device": ("yes", {}),
     "optimizer.name": ("sgd", {}),
     "optimizer.blr": (-1.0, {}),
     "optimizer.lr": (0.0, {}),

@@ -62,6 +62,14 @@ FINETUNE.update(
             "optimizer.blr": 3e-3,
             "optimizer.layer_decay": 1.0,
         },
+        # Steadier at the same peak lr: the loss jumped at blr 3e-3 without crops and collapsed at 1e-2.
+        "ft_light_blr3e-3_ld1_b2_0.99_clip1": {
+            **LIGHT,
+            "optimizer.blr": 3e-3,
+            "optimizer.layer_decay": 1.0,
+            "optimizer.b2": 0.99,
+            "optimizer.grad_clip": 1.0,
+        },
     }
 )
 PROBE = {
@@ -81,6 +89,16 @@ PROBE = {
         "optimizer.name": "adamw",
         "optimizer.blr": 1e-2,
         "optimizer.weight_decay": 0.0,
+    },  # A convex problem on BatchNorm-standardised features: a larger step, a short warmup.
+    **{
+        f"lp_nocrop_adamw_{name}_wu10": {
+            **NO_CROP,
+            "optimizer.name": "adamw",
+            "optimizer.blr": blr,
+            "optimizer.weight_decay": 0.0,
+            "optimizer.warmup_steps": 10,
+        }
+        for name, blr in (("3e-2", 3e-2), ("1e-1", 1e-1))
     },
 }
 

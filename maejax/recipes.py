@@ -197,11 +197,19 @@ def linprobe_imagenet(variant: str):
 def fmnist_classifier(task: str):
     """CPU-sized fine-tuning / linear probing on Fashion-MNIST, for the encoder of fmnist_pretrain.
 
-    Same data and encoder as mae_fmnist / diffmae_fmnist. The official recipe
-    shrunk to 28 px: AdamW + layer decay 0.75 + mixup/cutmix/RandAugment for
-    fine-tuning, LARS on a BatchNorm + Linear head for probing (lr 6.4, what
-    the official batch-16384 recipe reaches); batch 256; crops of 35-100% of
-    the image (28 px leaves little to crop).
+    Same data and encoder as mae_fmnist / diffmae_fmnist; batch 256, 470 steps
+    (2 epochs). Chosen by the sweep in experiments/fmnist_sweep.py (100 steps of
+    mae_fmnist, then 150-step schedules; its numbers are in
+    experiments/results/fmnist_sweep.jsonl), not the official ImageNet recipe:
+    - fine-tuning: AdamW, blr 3e-3, no layer decay, and none of the ImageNet
+      regularisation (mixup/cutmix, RandAugment, random erasing, label
+      smoothing, drop path), which is built for 100 epochs of 224 px images
+      and held a short run on 28 px images at 25 % top-1; crops of 35-100 % of
+      the image and flips stay;
+    - linear probing: BatchNorm + Linear on the frozen cls feature (as the
+      official probe) trained with AdamW (blr 0.1, 10 warmup steps) and no
+      weight decay, on whole images (flip only: crops the probe never sees at
+      test time cost it 15 points).
     """
     pre = fmnist_pretrain()
     c = base_config()
@@ -212,33 +220,33 @@ def fmnist_classifier(task: str):
     c.model.encoder = pre.model.encoder
     c.model.num_classes = 10
     c.dataset = pre.dataset
-    c.finetune.crop_scale = (0.35, 1.0)
     c.finetune.eval_resize_ratio = 1.0
+    c.finetune.label_smoothing = 0.0
     c.batch_size = 256
+    c.total_steps = 470  # 2 epochs
+    c.eval_every_steps = 235
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
+    c.optimizer.name = "adamw"
+    c.optimizer.weight_decay = 0.0
     if task == "finetune":
         c.model.pool = "avg"
-        c.model.drop_path = 0.1
-        c.total_steps = 470  # 2 epochs
-        c.eval_every_steps = 235
-        c.optimizer.name = "adamw"
-        c.optimizer.blr = 1e-3
+        c.model.drop_path = 0.0
+        c.finetune.crop_scale = (0.35, 1.0)
+        c.finetune.mixup = 0.0
+        c.finetune.cutmix = 0.0
+        c.finetune.randaug_ops = 0
+        c.finetune.reprob = 0.0
+        c.optimizer.blr = 3e-3
         c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
         c.optimizer.weight_decay = 0.05
-        c.optimizer.layer_decay = 0.75
+        c.optimizer.layer_decay = 1.0
         c.optimizer.warmup_steps = 47
         c.optimizer.min_lr = 1e-6
     else:
         c.model.pool = "cls"
-        c.total_steps = 470
-        c.eval_every_steps = 235
-        c.optimizer.name = "lars"
-        # LARS moves each weight by lr * 0.001 of its norm per step: the official
-        # recipe reaches lr 6.4 at batch 16384; a short batch-256 run needs it too.
-        c.optimizer.blr = 6.4
-        c.optimizer.weight_decay = 0.0
-        c.optimizer.warmup_steps = 47
-        c.finetune.label_smoothing = 0.0
+        c.finetune.crop_scale = (1.0, 1.0)
+        c.optimizer.blr = 0.1  # lr 0.1 at batch 256: a convex problem on standardised features
+        c.optimizer.warmup_steps = 10
     return c

@@ -1,0 +1,238 @@
+"""The Fashion-MNIST table: scratch vs MAE vs DiffMAE at one budget, every row scripted.
+
+    python experiments/fmnist_table.py --budget=cpu      # about an hour on 2 CPU cores
+    python experiments/fmnist_table.py --budget=long     # >= 100 pre-training epochs, 30 fine-tuning
+    python experiments/fmnist_table.py --budget=quick    # the quick check (MAE only)
+    python experiments/fmnist_table.py --budget=cpu --dry_run   # print the commands only
+
+Runs, with the recipes in configs/ and only the budget's step counts changed:
+pre-training (`mae_fmnist`, `diffmae_fmnist`), then from each start (random
+init, MAE, DiffMAE) fine-tuning (`finetune_fmnist`) and linear probing
+(`linprobe_fmnist`, which also logs the kNN top-1 of the frozen features), the
+logistic regression on raw pixels (the floor), the inpainting table
+(experiments/inpainting_table.py) and the curves. Writes, under OUT
+(default workdirs/table_<budget>):
+
+  <run>/            each run's workdir (metrics.jsonl, checkpoints)
+  results.json      every number of the table, the budget and the commit it ran at
+  table.md          the Markdown table the README quotes
+  curves.png        pre-training loss, fine-tuning / probing loss and test top-1 against steps
+  inpainting/       the inpainting table (table.md) and one metrics file per setting
+
+A run that fails stops the script with its command and stderr (no silent gaps).
+Runs resume: a finished run's workdir is reused, an interrupted one continues
+from its last checkpoint (maejax resumes exactly).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.environ.get("PYTHON", sys.executable)
+STEPS_PER_EPOCH = 60000 / 256  # Fashion-MNIST's training split at batch 256
+
+# Step counts per budget; `evals`: test-set evaluations along each fine-tuning / probing
+# curve; `starts`: the encoders fine-tuned and probed.
+BUDGETS = {
+    "quick": dict(
+        pretrain=100, finetune=150, linprobe=150, evals=1, starts=("mae",), diffmae=False, inpainting=False
+    ),
+    "cpu": dict(pretrain=600, finetune=300, linprobe=200, evals=3, starts=("random", "mae", "diffmae")),
+    "long": dict(
+        pretrain=round(100 * STEPS_PER_EPOCH),
+        finetune=round(30 * STEPS_PER_EPOCH),
+        linprobe=round(10 * STEPS_PER_EPOCH),
+        evals=10,
+        starts=("random", "mae", "diffmae"),
+    ),
+}
+LABELS = {"random": "scratch (random init)", "mae": "MAE", "diffmae": "DiffMAE"}
+PRETRAIN_CONFIGS = {"mae": "configs/mae_fmnist.py", "diffmae": "configs/diffmae_fmnist.py"}
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "maejax", "configs"], cwd=REPO, capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def plan(budget: dict, out: str) -> list:
+    """[(name, command)] of every maejax run this budget needs, in order."""
+    runs = []
+    pretrained = ["mae"] + (["diffmae"] if budget.get("diffmae", True) else [])
+    for name in pretrained:
+        fields = {
+            "total_steps": budget["pretrain"],
+            "checkpoint_every_steps": max(budget["pretrain"] // 4, 50),
+        }
+        runs.append((name, main_command(PRETRAIN_CONFIGS[name], os.path.join(out, name), fields)))
+    for task in ("finetune", "linprobe"):
+        steps = budget[task]
+        for start in budget["starts"]:
+            init = "random" if start == "random" else os.path.join(out, start)
+            fields = {
+                "init_from": init,
+                "total_steps": steps,
+                "eval_every_steps": max(steps // budget["evals"], 1),
+                "checkpoint_every_steps": max(steps // 4, 50),
+            }
+            name = f"{task}_{start}"
+            runs.append((name, main_command(f"configs/{task}_fmnist.py", os.path.join(out, name), fields)))
+    return runs
+
+
+def main_command(config: str, workdir: str, fields: dict) -> list:
+    command = [PYTHON, "-m", "maejax.main", f"--config={config}", f"--workdir={workdir}"]
+    return command + [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def run(name: str, command: list, out: str) -> None:
+    """Run one step of the table; its wall time adds up in OUT/seconds.json across resumed invocations."""
+    started = time.time()
+    log = os.path.join(out, "logs", f"{name}.log")
+    with open(log, "a") as f:
+        result = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        sys.exit(f"{name} failed (exit {result.returncode}): {' '.join(command)}\n{tail}")
+    seconds = read_json(os.path.join(out, "seconds.json"), {})
+    seconds[name] = seconds.get(name, 0) + round(time.time() - started)
+    write_json(os.path.join(out, "seconds.json"), seconds)
+    print(f"{name:20s} done in {time.time() - started:6.0f} s", flush=True)
+
+
+def read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def read_metrics(workdir: str) -> list:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last(rows: list, key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def collect(budget: dict, out: str) -> dict:
+    """The table's numbers from the runs' metrics files; a missing number is an error."""
+    rows = {}
+    for start in budget["starts"]:
+        finetune = read_metrics(os.path.join(out, f"finetune_{start}"))
+        probe = read_metrics(os.path.join(out, f"linprobe_{start}"))
+        row = {
+            "finetune_top1": last(finetune, "eval_top1"),
+            "linprobe_top1": last(probe, "eval_top1"),
+            "knn_top1": last(probe, "knn_top1"),
+        }
+        missing = [k for k, v in row.items() if v is None]
+        if missing:
+            sys.exit(f"{start}: the runs logged no {missing} (see {out}/*_{start}/metrics.jsonl)")
+        rows[start] = row
+    floor = read_json(os.path.join(out, "pixel_logreg.json"))
+    return {"rows": rows, "pixel_logreg_top1": floor["eval_top1"], "pixel_logreg": floor}
+
+
+def markdown(results: dict) -> str:
+    b = results["budget"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        f"Budget `{results['budget_name']}`: pre-training {b['pretrain']} steps "
+        f"({b['pretrain'] / STEPS_PER_EPOCH:.1f} epochs), fine-tuning {b['finetune']} steps "
+        f"({b['finetune'] / STEPS_PER_EPOCH:.1f} epochs), linear probe {b['linprobe']} steps, batch 256; "
+        f"commit {results['commit']}, {results['minutes']:.0f} min of runs on this machine. "
+        "kNN: k = 20 on the frozen encoder's cls features, 10,000 training / 2,000 test images.",
+        "",
+        "| encoder | fine-tune top-1 | linear-probe top-1 | kNN top-1 |",
+        "|---|---|---|---|",
+    ]
+    for start, row in results["rows"].items():
+        cells = [pct(row["finetune_top1"]), pct(row["linprobe_top1"]), pct(row["knn_top1"])]
+        lines.append(f"| {LABELS[start]} | " + " | ".join(cells) + " |")
+    lines.append(f"| raw pixels, logistic regression | - | {pct(results['pixel_logreg_top1'])} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(budget: dict, out: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for name in PRETRAIN_CONFIGS:
+        if os.path.exists(os.path.join(out, name, "metrics.jsonl")):
+            rows = [r for r in read_metrics(os.path.join(out, name)) if "loss" in r]
+            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=LABELS[name])
+    axes[0].set(title="pre-training loss", xlabel="step", yscale="log")
+    for col, (task, title) in enumerate((("finetune", "fine-tuning"), ("linprobe", "linear probe")), start=1):
+        for start in budget["starts"]:
+            rows = read_metrics(os.path.join(out, f"{task}_{start}"))
+            train = [r for r in rows if "loss" in r]
+            evals = [r for r in rows if "eval_top1" in r]
+            axes[col].plot([r["step"] for r in train], [r["loss"] for r in train], label=LABELS[start])
+            axes[col + 2].plot(
+                [r["step"] for r in evals], [100 * r["eval_top1"] for r in evals], "o-", label=LABELS[start]
+            )
+        axes[col].set(title=f"{title}: training loss", xlabel="step")
+        axes[col + 2].set(title=f"{title}: test top-1 (%)", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), required=True)
+    parser.add_argument("--out", help="default: workdirs/table_<budget>")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands and stop")
+    args = parser.parse_args()
+    budget = BUDGETS[args.budget]
+    out = os.path.abspath(args.out or os.path.join(REPO, "workdirs", f"table_{args.budget}"))
+    runs = plan(budget, out)
+    if args.dry_run:
+        for name, command in runs:
+            print(f"{name}: {' '.join(command)}")
+        return
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    at = commit()
+    for name, command in runs:
+        run(name, command, out)
+    floor = [PYTHON, "experiments/pixel_logreg.py", f"--out={os.path.join(out, 'pixel_logreg.json')}"]
+    run("pixel_logreg", floor, out)
+    if budget.get("inpainting", True):
+        inpainting = [PYTHON, "experiments/inpainting_table.py", f"--diffmae={os.path.join(out, 'diffmae')}"]
+        inpainting += [f"--mae={os.path.join(out, 'mae')}", f"--out={os.path.join(out, 'inpainting')}"]
+        run("inpainting", inpainting, out)
+
+    results = {"budget_name": args.budget, "budget": {k: v for k, v in budget.items() if k != "starts"}}
+    seconds = read_json(os.path.join(out, "seconds.json"))
+    results.update(collect(budget, out), commit=at, seconds=seconds, minutes=sum(seconds.values()) / 60)
+    write_json(os.path.join(out, "results.json"), results)
+    table = markdown(results)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    plot(budget, out, os.path.join(out, "curves.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

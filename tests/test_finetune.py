@@ -394,23 +394,14 @@ def rows(workdir):
         return [json.loads(line) for line in f]
 
 
-# Settings under which each task learns in 100 steps of batch 64 from the tiny 100-step MAE, and
-# the test-set top-1 they reached when measured (2-core CPU, ~35-50 s a run): fine-tuning at blr 4e-2
-# without the recipe's regularisers 0.42 (with mixup/cutmix, RandAugment, erasing and drop path it
-# stays at 0.12-0.28 for the first 100 steps: they pay off only over the full schedule; each is
-# checked against a reference above); the probe with LARS at blr 640, 0.40 (LARS moves a weight by
-# lr x 0.001 of its norm per step: at the recipe's blr 6.4 it reached 0.24 after 100 steps, 0.10
-# after 40). Chance is 0.1; the floor is twice that.
+# Settings under which each task learns in 100 steps of batch 64 from the tiny 100-step MAE (chance
+# is 0.1; the floor is twice that). The Fashion-MNIST recipes carry no ImageNet regularisation (it
+# held 100-step runs at 0.12-0.28: it pays off only over a full schedule; each regulariser is
+# checked against a reference above). Fine-tuning runs at blr 4e-2 here (the recipe's 3e-3 is
+# tuned for batch 256 and 150+ steps); the probe runs the recipe as is (AdamW, blr 0.1).
 LEARNING = {
-    "finetune": [
-        "--config.optimizer.blr=4e-2",
-        "--config.finetune.mixup=0",
-        "--config.finetune.cutmix=0",
-        "--config.finetune.reprob=0",
-        "--config.finetune.randaug_ops=0",
-        "--config.model.drop_path=0",
-    ],
-    "linprobe": ["--config.optimizer.blr=640"],
+    "finetune": ["--config.optimizer.blr=4e-2"],
+    "linprobe": [],
 }
 LEARNING_STEPS = 100
 TOP1_FLOOR = 0.2

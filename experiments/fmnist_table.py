@@ -2,7 +2,7 @@
 
     python experiments/fmnist_table.py --budget=cpu      # about an hour on 2 CPU cores
     python experiments/fmnist_table.py --budget=long     # >= 100 pre-training epochs, 30 fine-tuning
-    python experiments/fmnist_table.py --budget=quick    # the quick check (MAE only)
+    python experiments/fmnist_table.py --budget=quick    # the quick check (MAE and scratch)
     python experiments/fmnist_table.py --budget=cpu --dry_run   # print the commands only
 
 Runs, with the recipes in configs/ and only the budget's step counts changed:
@@ -26,6 +26,7 @@ from its last checkpoint (maejax resumes exactly).
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,13 +40,19 @@ STEPS_PER_EPOCH = 60000 / 256  # Fashion-MNIST's training split at batch 256
 # curve; `starts`: the encoders fine-tuned and probed.
 BUDGETS = {
     "quick": dict(
-        pretrain=100, finetune=150, linprobe=150, evals=1, starts=("mae",), diffmae=False, inpainting=False
+        pretrain=100,
+        finetune=150,
+        linprobe=150,
+        evals=1,
+        starts=("random", "mae"),
+        diffmae=False,
+        inpainting=False,
     ),
     "cpu": dict(pretrain=600, finetune=300, linprobe=200, evals=3, starts=("random", "mae", "diffmae")),
     "long": dict(
-        pretrain=round(100 * STEPS_PER_EPOCH),
-        finetune=round(30 * STEPS_PER_EPOCH),
-        linprobe=round(10 * STEPS_PER_EPOCH),
+        pretrain=math.ceil(100 * STEPS_PER_EPOCH),
+        finetune=math.ceil(30 * STEPS_PER_EPOCH),
+        linprobe=math.ceil(10 * STEPS_PER_EPOCH),
         evals=10,
         starts=("random", "mae", "diffmae"),
     ),

@@ -1,0 +1,85 @@
+"""experiments/fmnist_table.py: the budgets' runs, the table it writes, and its loud failures."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import fmnist_table as table  # noqa: E402
+
+
+def fields(command):
+    """--config.FIELD=VALUE arguments of a maejax.main command, as a dict."""
+    prefix = "--config."
+    return dict(arg[len(prefix) :].split("=", 1) for arg in command if arg.startswith(prefix))
+
+
+def test_every_budget_runs_the_recipes_with_only_its_step_counts_changed(tmp_path):
+    for name, budget in table.BUDGETS.items():
+        runs = dict(table.plan(budget, str(tmp_path)))
+        pretrained = ["mae", "diffmae"] if budget.get("diffmae", True) else ["mae"]
+        wanted = pretrained + [f"{task}_{s}" for task in ("finetune", "linprobe") for s in budget["starts"]]
+        assert list(runs) == wanted, name
+        for run_name, command in runs.items():
+            task = run_name.split("_")[0]
+            config = table.PRETRAIN_CONFIGS.get(run_name, f"configs/{task}_fmnist.py")
+            assert f"--config={config}" in command
+            assert f"--workdir={tmp_path / run_name}" in command
+            given = fields(command)
+            steps = budget["pretrain"] if run_name in table.PRETRAIN_CONFIGS else budget[task]
+            assert int(given["total_steps"]) == steps
+            # schedule lengths and logging only: the recipe itself is the config file's
+            assert set(given) <= {"total_steps", "checkpoint_every_steps", "eval_every_steps", "init_from"}
+            if run_name not in table.PRETRAIN_CONFIGS:
+                start = run_name.split("_", 1)[1]
+                assert given["init_from"] == ("random" if start == "random" else str(tmp_path / start))
+
+
+def test_the_budgets_are_the_ones_the_readme_names():
+    epochs = lambda steps: steps / table.STEPS_PER_EPOCH  # noqa: E731
+    long = table.BUDGETS["long"]
+    assert epochs(long["pretrain"]) >= 100 and epochs(long["finetune"]) >= 30
+    quick = table.BUDGETS["quick"]
+    assert (quick["pretrain"], quick["finetune"], quick["linprobe"]) == (100, 150, 150)
+
+
+def write_metrics(workdir, rows):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_the_table_comes_from_the_runs_files_and_a_missing_number_stops_it(tmp_path):
+    budget = {**table.BUDGETS["quick"], "starts": ("random", "mae")}
+    for start, (ft, lp, knn) in {"random": (0.5, 0.4, 0.3), "mae": (0.625, 0.75, 0.875)}.items():
+        write_metrics(
+            tmp_path / f"finetune_{start}", [{"step": 1, "loss": 2.0}, {"step": 150, "eval_top1": ft}]
+        )
+        write_metrics(tmp_path / f"linprobe_{start}", [{"step": 150, "eval_top1": lp, "knn_top1": knn}])
+    table.write_json(str(tmp_path / "pixel_logreg.json"), {"eval_top1": 0.844})
+    results = table.collect(budget, str(tmp_path))
+    assert results["rows"]["mae"] == {"finetune_top1": 0.625, "linprobe_top1": 0.75, "knn_top1": 0.875}
+    results.update(budget_name="quick", budget=budget, commit="abc1234", minutes=10.0)
+    text = table.markdown(results)
+    assert "| MAE | 62.5 | 75.0 | 87.5 |" in text and "| scratch (random init) | 50.0 | 40.0 | 30.0 |" in text
+    assert "| raw pixels, logistic regression | - | 84.4 | - |" in text and "commit abc1234" in text
+
+    write_metrics(tmp_path / "linprobe_mae_no_knn", [{"step": 150, "eval_top1": 0.5}])
+    os.replace(
+        tmp_path / "linprobe_mae_no_knn" / "metrics.jsonl", tmp_path / "linprobe_mae" / "metrics.jsonl"
+    )
+    with pytest.raises(SystemExit, match=r"mae: the runs logged no \['knn_top1'\]"):
+        table.collect(budget, str(tmp_path))
+
+
+def test_a_failing_run_stops_the_table_with_its_command_and_output(tmp_path):
+    os.makedirs(tmp_path / "logs")
+    command = [sys.executable, "-c", "import sys; print('the output'); sys.exit(3)"]
+    with pytest.raises(SystemExit, match=r"(?s)broken failed \(exit 3\).*the output"):
+        table.run("broken", command, str(tmp_path))
+    table.run("fine", [sys.executable, "-c", "pass"], str(tmp_path))
+    assert set(table.read_json(str(tmp_path / "seconds.json"))) == {"fine"}

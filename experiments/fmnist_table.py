@@ -1,7 +1,7 @@
 """The Fashion-MNIST table: scratch vs MAE vs DiffMAE at one budget, every row scripted.
 
     python experiments/fmnist_table.py --budget=cpu      # about an hour on 2 CPU cores
-    python experiments/fmnist_table.py --budget=long     # >= 100 pre-training epochs, 30 fine-tuning
+    python experiments/fmnist_table.py --budget=long --on_device   # 100 pre-training epochs, 30 fine-tuning
     python experiments/fmnist_table.py --budget=quick    # the quick check (MAE and scratch)
     python experiments/fmnist_table.py --budget=cpu --dry_run   # print the commands only
 
@@ -69,14 +69,20 @@ def commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def plan(budget: dict, out: str) -> list:
-    """[(name, command)] of every maejax run this budget needs, in order."""
+def plan(budget: dict, out: str, on_device: bool = False) -> list:
+    """[(name, command)] of every maejax run this budget needs, in order.
+
+    on_device: every run with dataset.on_device=True (the training split on the
+    accelerator; same batches and crops as the host loader, up to resampling).
+    """
     runs = []
+    extra = {"dataset.on_device": True} if on_device else {}
     pretrained = ["mae"] + (["diffmae"] if budget.get("diffmae", True) else [])
     for name in pretrained:
         fields = {
             "total_steps": budget["pretrain"],
-            "checkpoint_every_steps": max(budget["pretrain"] // 4, 50),
+            "checkpoint_every_steps": checkpoint_every(budget["pretrain"]),
+            **extra,
         }
         runs.append((name, main_command(PRETRAIN_CONFIGS[name], os.path.join(out, name), fields)))
     for task in ("finetune", "linprobe"):
@@ -87,11 +93,17 @@ def plan(budget: dict, out: str) -> list:
                 "init_from": init,
                 "total_steps": steps,
                 "eval_every_steps": max(steps // budget["evals"], 1),
-                "checkpoint_every_steps": max(steps // 4, 50),
+                "checkpoint_every_steps": checkpoint_every(steps),
+                **extra,
             }
             name = f"{task}_{start}"
             runs.append((name, main_command(f"configs/{task}_fmnist.py", os.path.join(out, name), fields)))
     return runs
+
+
+def checkpoint_every(steps: int) -> int:
+    """A quarter of a short run; at most 1,000 steps lost to a preemption of a long one."""
+    return min(max(steps // 4, 50), 1000)
 
 
 def main_command(config: str, workdir: str, fields: dict) -> list:
@@ -211,10 +223,13 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), required=True)
     parser.add_argument("--out", help="default: workdirs/table_<budget>")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and stop")
+    parser.add_argument(
+        "--on_device", action="store_true", help="dataset.on_device=True for every run (for a GPU or TPU)"
+    )
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
     out = os.path.abspath(args.out or os.path.join(REPO, "workdirs", f"table_{args.budget}"))
-    runs = plan(budget, out)
+    runs = plan(budget, out, args.on_device)
     if args.dry_run:
         for name, command in runs:
             print(f"{name}: {' '.join(command)}")
@@ -231,6 +246,7 @@ def main() -> None:
         run("inpainting", inpainting, out)
 
     results = {"budget_name": args.budget, "budget": {k: v for k, v in budget.items() if k != "starts"}}
+    results["on_device"] = args.on_device
     seconds = read_json(os.path.join(out, "seconds.json"))
     results.update(collect(budget, out), commit=at, seconds=seconds, minutes=sum(seconds.values()) / 60)
     write_json(os.path.join(out, "results.json"), results)

@@ -397,7 +397,7 @@ def rows(workdir):
 # Settings under which each task learns in 100 steps of batch 64 from the tiny 100-step MAE (chance
 # is 0.1; the floor is twice that). The Fashion-MNIST recipes carry no ImageNet regularisation (it
 # held 100-step runs at 0.12-0.28: it pays off only over a full schedule; each regulariser is
-# checked against a reference above). Fine-tuning runs at blr 4e-2 here (the recipe's 3e-3 is
+# checked against a reference above). Fine-tuning runs at blr 4e-2 here (the recipe's 2e-3 is
 # tuned for batch 256 and 150+ steps); the probe runs the recipe as is (AdamW, blr 0.1).
 LEARNING = {
     "finetune": ["--config.optimizer.blr=4e-2"],

@@ -151,7 +151,10 @@ PRETRAIN = {
 
 def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+    # Tracked files only: an untracked venv link in a worktree is not a change to what ran.
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    )
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

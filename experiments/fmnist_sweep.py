@@ -100,6 +100,14 @@ FINETUNE.update(
         },
     }
 )
+# Round 4: without crops, between the stable 1e-3 and the 3e-3 that diverged from the 100-step MAE.
+FINETUNE.update(
+    {
+        "ft_nocrop_blr2e-3_ld1": {**NOCROP_LD1, "optimizer.blr": 2e-3},
+        "ft_scratch_nocrop_blr2e-3_ld1": {**SCRATCH, **NOCROP_LD1, "optimizer.blr": 2e-3},
+        "ft_scratch_nocrop_blr3e-3_ld1": {**SCRATCH, **NOCROP_LD1, "optimizer.blr": 3e-3},
+    }
+)
 PROBE = {
     "lp_recipe": {},
     "lp_blr64": {"optimizer.blr": 64.0},
@@ -130,18 +138,9 @@ PROBE = {
     },
 }
 
-# Round 4: without crops, between the stable 1e-3 and the 3e-3 that diverged from the 100-step MAE.
-FINETUNE.update(
-    {
-        "ft_nocrop_blr2e-3_ld1": {**NOCROP_LD1, "optimizer.blr": 2e-3},
-        "ft_scratch_nocrop_blr2e-3_ld1": {**SCRATCH, **NOCROP_LD1, "optimizer.blr": 2e-3},
-        "ft_scratch_nocrop_blr3e-3_ld1": {**SCRATCH, **NOCROP_LD1, "optimizer.blr": 3e-3},
-    }
-)
-
-# The 100 pre-training steps themselves. At the recipe's blr 1.5e-3 they leave the encoder's
-# residual stream about 4x its initial size and fine-tuning from it unstable (the loss jumped
-# back to chance at a 15-step warmup, where from random init it did not): lower peaks.
+# The 100 pre-training steps themselves: fine-tuning from them at the recipe's blr 1.5e-3 was
+# unstable (the loss jumped back to chance at a 15-step warmup, where from random init it did
+# not), so lower peaks.
 PRETRAIN = {
     "recipe": {},
     "blr5e-4": {"optimizer.blr": 5e-4},

@@ -108,6 +108,11 @@ FINETUNE.update(
         "ft_scratch_nocrop_blr3e-3_ld1": {**SCRATCH, **NOCROP_LD1, "optimizer.blr": 3e-3},
     }
 )
+# Round 5: no setting above reached 75 % with patch 4 (49 tokens), from MAE or from random
+# init. The recipes moved to patch 7 (16 tokens; a third of the compute); these rows, run
+# again at that commit (--out=workdirs/sweep_p7: the 100-step MAE is a new model), measure it:
+# ft_recipe, ft_nocrop_blr1e-3_ld1, ft_light_nocrop_blr3e-3_ld1, ft_scratch_nocrop_blr2e-3_ld1
+# and lp_recipe.
 PROBE = {
     "lp_recipe": {},
     "lp_blr64": {"optimizer.blr": 64.0},

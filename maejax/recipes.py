@@ -68,10 +68,16 @@ def diffmae_pretrain_imagenet(variant: str):
 def fmnist_pretrain():
     """CPU-sized MAE pre-training on Fashion-MNIST (the embedded default, `make demo`).
 
-    A 6-block, 128-wide ViT with patch 4 on 28x28 grey images (49 patches, 12
+    A 6-block, 128-wide ViT with patch 7 on 28x28 grey images (16 patches, 4
     visible) and a 64-wide 2-block decoder; pixel targets; batch 256 for 400
-    steps (1.7 epochs), blr 1.5e-3 with 50 warmup steps: 7 to 10 minutes of training on
-    2 CPU cores. Reads Debian's Fashion-MNIST files offline when present.
+    steps (1.7 epochs), blr 1.5e-3 with 50 warmup steps. Patch 7 rather than 4:
+    a third of the compute per image, and the quick check of
+    experiments/fmnist_sweep.py (round 5) fine-tuned to 75.9 % instead of 70.6 %
+    from it (79.0 % instead of 69.4 % from random init). The training split
+    lives on the device (dataset.on_device: 47 MB of uint8), which on 2 CPU
+    cores also trains about 2x faster than the host loader (1,100 against 520
+    img/s). Reads Debian's
+    Fashion-MNIST files offline when present.
     """
     c = base_config()
     c.task = "pretrain"
@@ -83,7 +89,7 @@ def fmnist_pretrain():
     c.model.encoder.depth = 6
     c.model.encoder.num_heads = 4
     c.model.encoder.mlp_dim = 512
-    c.model.encoder.patch_size = 4
+    c.model.encoder.patch_size = 7
     c.model.decoder.width = 64
     c.model.decoder.depth = 2
     c.model.decoder.num_heads = 4
@@ -96,6 +102,7 @@ def fmnist_pretrain():
     c.dataset.eval_split = "test"
     c.dataset.crop_scale = (0.35, 1.0)
     c.dataset.num_threads = 4
+    c.dataset.on_device = True
 
     c.batch_size = 256
     c.total_steps = 400

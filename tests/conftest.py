@@ -34,6 +34,7 @@ def tiny_overrides(tfds_dir: str) -> dict:
         "model.decoder.num_heads": 2,
         "model.decoder.mlp_dim": 64,
         "dataset.data_dir": tfds_dir,
+        "dataset.on_device": False,  # the host loader (the recipes' on-device path: test_device_input)
         "batch_size": 64,
         "total_steps": 10,
         "log_every_steps": 5,

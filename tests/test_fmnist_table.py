@@ -37,8 +37,6 @@ def test_every_budget_runs_the_recipes_with_only_its_step_counts_changed(tmp_pat
             if run_name not in table.PRETRAIN_CONFIGS:
                 start = run_name.split("_", 1)[1]
                 assert given["init_from"] == ("random" if start == "random" else str(tmp_path / start))
-    on_device = table.plan(table.BUDGETS["long"], str(tmp_path), on_device=True)
-    assert all("--config.dataset.on_device=True" in command for _, command in on_device)
 
 
 def test_the_budgets_are_the_ones_the_readme_names():

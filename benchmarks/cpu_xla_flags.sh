@@ -11,7 +11,12 @@ for flags in "" \
     "--xla_cpu_use_thunk_runtime=false" \
     "--xla_cpu_experimental_xnn_fusion_type=dot" \
     "--xla_cpu_enable_concurrency_optimized_scheduler=true" \
-    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"; do
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY" \
+    "--xla_cpu_use_onednn=true" \
+    "--xla_cpu_experimental_onednn_custom_call=true" \
+    "--xla_cpu_experimental_onednn_fusion_type=dot" \
+    "--xla_cpu_experimental_ynn_fusion_type=dot" \
+    "--xla_cpu_prefer_vector_width=512"; do
     echo "== XLA_FLAGS=[$flags]"
     XLA_FLAGS="$flags" timeout 300 "$py" benchmarks/train_step.py --reference=none --rounds=3 --steps=1 2>&1 |
         grep -E "maejax MAE|compile|rror" | head -3

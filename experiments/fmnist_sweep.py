@@ -1,6 +1,7 @@
 """Sweep the Fashion-MNIST fine-tuning and linear-probe recipes on the quick-check budget.
 
-    python experiments/fmnist_sweep.py [--out=workdirs/sweep] [--only=NAME,...] [--pretrain=recipe]
+    python experiments/fmnist_sweep.py [--out=workdirs/sweep] [--only=NAME,...]
+        [--pretrain=recipe] [--both=recipe]
 
 The quick check: `mae_fmnist` pre-trained for 100 steps, then each setting
 below trained for a whole 150-step schedule of batch 256 from it (finetune or
@@ -151,6 +152,13 @@ PRETRAIN = {
     "blr5e-4": {"optimizer.blr": 5e-4},
     "blr1.5e-4": {"optimizer.blr": 1.5e-4},
 }
+# Round 5's checks of the patch-7 recipe, applied to the 100 pre-training steps and to every
+# setting alike: another seed (the spread of the 75 % check), and a wider encoder.
+BOTH = {
+    "recipe": {},
+    "seed1": {"seed": 1},
+    "w192": {"model.encoder.width": 192, "model.encoder.num_heads": 6, "model.encoder.mlp_dim": 768},
+}
 
 
 def commit() -> str:
@@ -186,6 +194,9 @@ def main() -> None:
     parser.add_argument(
         "--pretrain", default="recipe", choices=sorted(PRETRAIN), help="the 100 steps of mae_fmnist"
     )
+    parser.add_argument(
+        "--both", default="recipe", choices=sorted(BOTH), help="fields for pre-training and every setting"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
@@ -195,26 +206,28 @@ def main() -> None:
         with open(results_path) as f:
             done = {(r["name"], r["commit"]) for r in map(json.loads, f)}
 
-    pretrain_fields = {"total_steps": 100, **PRETRAIN[args.pretrain]}
-    pretrained = os.path.join(args.out, "mae100" + (f"_{args.pretrain}" if args.pretrain != "recipe" else ""))
+    both = BOTH[args.both]
+    pretrain_fields = {"total_steps": 100, **PRETRAIN[args.pretrain], **both}
+    variant = "+".join(v for v in (args.pretrain, args.both) if v != "recipe")
+    pretrained = os.path.join(args.out, "mae100" + (f"_{variant}" if variant else ""))
     if not os.path.exists(os.path.join(pretrained, "checkpoints")):
         run("configs/mae_fmnist.py", pretrained, pretrain_fields)
     wanted = set(filter(None, args.only.split(",")))
     settings = [("configs/finetune_fmnist.py", n, f) for n, f in FINETUNE.items()]
     settings += [("configs/linprobe_fmnist.py", n, f) for n, f in PROBE.items()]
     for config, name, fields in settings:
-        name = name if args.pretrain == "recipe" else f"{name}@{args.pretrain}"
+        name = f"{name}@{variant}" if variant else name
         if (wanted and name.split("@")[0] not in wanted) or (name, at) in done:
             continue
         workdir = os.path.join(args.out, name)
         shutil.rmtree(workdir, ignore_errors=True)
         started = time.time()
         budget = {"init_from": pretrained, "total_steps": STEPS, "eval_every_steps": STEPS}
-        run(config, workdir, {**budget, **fields})
+        run(config, workdir, {**budget, **both, **fields})
         row = {
             "name": name,
             "config": config,
-            "fields": fields,
+            "fields": {**both, **fields},
             "pretrain": pretrain_fields,
             "steps": STEPS,
             "eval_top1": final_top1(workdir),

@@ -4,6 +4,10 @@
     python experiments/fmnist_table.py --budget=long     # 100 pre-training epochs, 30 fine-tuning
     python experiments/fmnist_table.py --budget=quick    # the quick check (MAE and scratch)
     python experiments/fmnist_table.py --budget=cpu --dry_run   # print the commands only
+    python experiments/fmnist_table.py --budget=long --runs=mae,linprobe_mae   # part of a budget
+
+A part of a budget (`--runs`) writes partial.json and partial.md instead: the cells
+whose runs exist, each with the steps it had out of the budget's.
 
 Runs, with the recipes in configs/ and only the budget's step counts changed
 (the recipes keep the training split on the device: dataset.on_device):
@@ -95,6 +99,16 @@ def plan(budget: dict, out: str) -> list:
     return runs
 
 
+def select(runs: list, names: str) -> list:
+    """The named runs of a plan, in the order named; an unknown name is an error naming the valid ones."""
+    by_name = dict(runs)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown or not wanted:
+        sys.exit(f"--runs={names!r}: unknown run(s) {unknown}; valid: {', '.join(by_name)}")
+    return [(n, by_name[n]) for n in wanted]
+
+
 def checkpoint_every(steps: int) -> int:
     """A quarter of a short run; at most 1,000 steps lost to a preemption of a long one."""
     return min(max(steps // 4, 50), 1000)
@@ -182,6 +196,55 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def partial(budget: dict, out: str) -> dict:
+    """The cells whose runs have metrics, each with the step of its number and the budget's steps."""
+
+    def cell(run_name: str, key: str, steps: int):
+        workdir = os.path.join(out, run_name)
+        ran = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+        rows = [r for r in read_metrics(workdir) if key in r] if ran else []
+        return {"value": rows[-1][key], "step": rows[-1]["step"], "of": steps} if rows else None
+
+    pretraining = {name: cell(name, "loss", budget["pretrain"]) for name in PRETRAIN_CONFIGS}
+    rows = {
+        start: {
+            "finetune_top1": cell(f"finetune_{start}", "eval_top1", budget["finetune"]),
+            "linprobe_top1": cell(f"linprobe_{start}", "eval_top1", budget["linprobe"]),
+            "knn_top1": cell(f"linprobe_{start}", "knn_top1", budget["linprobe"]),
+        }
+        for start in budget["starts"]
+    }
+    return {"pretraining": pretraining, "rows": rows}
+
+
+def partial_markdown(results: dict) -> str:
+    b = results["budget"]
+
+    def show(c):
+        return "not run" if c is None else f"{100 * c['value']:.1f} (step {c['step']:,} of {c['of']:,})"
+
+    trained = [
+        f"{LABELS[name]} pre-trained {c['step']:,} of {c['of']:,} steps (loss {c['value']:.4f})"
+        for name, c in results["pretraining"].items()
+        if c is not None
+    ]
+    lines = [
+        f"Part of budget `{results['budget_name']}` (pre-training {b['pretrain']:,} steps, fine-tuning "
+        f"{b['finetune']:,}, linear probe {b['linprobe']:,}, batch 256), commit {results['commit']}: "
+        + ("; ".join(trained) or "no pre-training")
+        + ". Each cell: test top-1 (%) at the step it was measured, of the run's scheduled steps.",
+        "",
+        "| encoder | fine-tune top-1 | linear-probe top-1 | kNN top-1 |",
+        "|---|---|---|---|",
+    ]
+    for start, row in results["rows"].items():
+        lines.append(f"| {LABELS[start]} | " + " | ".join(show(row[k]) for k in KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+KEYS = ("finetune_top1", "linprobe_top1", "knn_top1")
+
+
 def plot(budget: dict, out: str, path: str) -> None:
     import matplotlib
 
@@ -217,10 +280,13 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), required=True)
     parser.add_argument("--out", help="default: workdirs/table_<budget>")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and stop")
+    parser.add_argument("--runs", help="comma-separated run names (see --dry_run): only these, in this order")
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
     out = os.path.abspath(args.out or os.path.join(REPO, "workdirs", f"table_{args.budget}"))
     runs = plan(budget, out)
+    if args.runs:
+        runs = select(runs, args.runs)
     if args.dry_run:
         for name, command in runs:
             print(f"{name}: {' '.join(command)}")
@@ -229,6 +295,14 @@ def main() -> None:
     at = commit()
     for name, command in runs:
         run(name, command, out)
+    if args.runs:
+        results = {"budget_name": args.budget, "budget": {k: v for k, v in budget.items() if k != "starts"}}
+        results.update(partial(budget, out), commit=at, seconds=read_json(os.path.join(out, "seconds.json")))
+        write_json(os.path.join(out, "partial.json"), results)
+        with open(os.path.join(out, "partial.md"), "w") as f:
+            f.write(partial_markdown(results))
+        print(partial_markdown(results))
+        return
     floor = [PYTHON, "experiments/pixel_logreg.py", f"--out={os.path.join(out, 'pixel_logreg.json')}"]
     run("pixel_logreg", floor, out)
     if budget.get("inpainting", True):

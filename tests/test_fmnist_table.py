@@ -83,3 +83,22 @@ def test_a_failing_run_stops_the_table_with_its_command_and_output(tmp_path):
         table.run("broken", command, str(tmp_path))
     table.run("fine", [sys.executable, "-c", "pass"], str(tmp_path))
     assert set(table.read_json(str(tmp_path / "seconds.json"))) == {"fine"}
+
+
+def test_part_of_a_budget_runs_the_named_runs_and_tables_the_cells_it_has(tmp_path):
+    budget = table.BUDGETS["long"]
+    runs = table.select(table.plan(budget, str(tmp_path)), "linprobe_mae, mae")
+    assert [name for name, _ in runs] == ["linprobe_mae", "mae"]
+    unknown = r"--runs='mae,probe': unknown run\(s\) \['probe'\]; valid: mae, diffmae"
+    with pytest.raises(SystemExit, match=unknown):
+        table.select(table.plan(budget, str(tmp_path)), "mae,probe")
+
+    write_metrics(tmp_path / "mae", [{"step": 100, "loss": 0.5}, {"step": 23438, "loss": 0.25}])
+    write_metrics(tmp_path / "linprobe_mae", [{"step": 234, "eval_top1": 0.5, "knn_top1": 0.75}])
+    results = {"budget_name": "long", "budget": budget, "commit": "abc1234"}
+    results.update(table.partial(budget, str(tmp_path)))
+    assert results["pretraining"] == {"mae": {"value": 0.25, "step": 23438, "of": 23438}, "diffmae": None}
+    text = table.partial_markdown(results)
+    assert "MAE pre-trained 23,438 of 23,438 steps (loss 0.2500)" in text and "commit abc1234" in text
+    assert "| MAE | not run | 50.0 (step 234 of 2,344) | 75.0 (step 234 of 2,344) |" in text
+    assert "| scratch (random init) | not run | not run | not run |" in text

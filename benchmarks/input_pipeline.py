@@ -13,6 +13,9 @@ image_folder dataset, then times, each in its own process pinned to N cores
            (RandomResizedCrop 0.2-1 bicubic + flip + normalise to float32,
            batched), num_threads = --threads_per_core x N, exactly what
            `maejax pretrain` builds from config.dataset;
+- processes: the same TrainLoader with dataset.num_workers = N worker
+           processes instead of threads (`maejax pretrain` with
+           --config.dataset.num_workers=N);
 - grain:   the same examples through grain's MapDataset (the same
            batch_indices and the per-example rng (seed, batch, row), so the
            same batches, checked) with N worker processes (mp_prefetch), when
@@ -136,6 +139,7 @@ def measure_maejax(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         prefetch=dataset.prefetch,
         num_threads=spec["threads"],
+        num_workers=spec.get("num_workers", 0),
     )
     try:
         first = next(loader)  # warm-up: starts the pool, fills the prefetch queue
@@ -202,7 +206,16 @@ def measure_grain(spec: dict) -> dict:
     return {"images": spec["batches"] * spec["batch_size"], "seconds": seconds, "first": first}
 
 
-MEASURES = {"decode": measure_decode, "maejax": measure_maejax, "grain": measure_grain}
+def measure_processes(spec: dict) -> dict:
+    return measure_maejax({**spec, "num_workers": spec["workers"]})
+
+
+MEASURES = {
+    "decode": measure_decode,
+    "maejax": measure_maejax,
+    "processes": measure_processes,
+    "grain": measure_grain,
+}
 
 
 def child(spec: dict) -> None:
@@ -259,7 +272,7 @@ def main(argv=None) -> None:
             f"({time.perf_counter() - started:.0f} s to write or check); batch {args.batch_size}, "
             f"{args.batches} timed batches, crop {args.image_size} px; {os.cpu_count()} cores here"
         )
-        kinds = ["decode", "maejax"] + (["grain"] if have_grain() and not args.no_grain else [])
+        kinds = ["decode", "maejax", "processes"] + (["grain"] if have_grain() and not args.no_grain else [])
         rows, firsts = [], {}
         for kind in kinds:
             for n in [1] if kind == "decode" else cores:
@@ -281,7 +294,7 @@ def main(argv=None) -> None:
                 rows.append((kind, n, rate, load))
                 if kind != "decode":
                     firsts[(kind, n)] = spec["out"]
-                print(f"  {kind:7s} {n:2d} cores {rate:8.1f} img/s  (load average {load:.2f})", flush=True)
+                print(f"  {kind:9s} {n:2d} cores {rate:8.1f} img/s  (load average {load:.2f})", flush=True)
         report(rows, firsts, cores)
 
 
@@ -296,12 +309,12 @@ def report(rows, firsts, cores) -> None:
     )
     print(f"first batch identical across every loader and core count: {same}")
     rate = {(kind, n): r for kind, n, r, _ in rows}
-    print(f"\n{'loader':8s} {'cores':>5s} {'img/s':>8s} {'per core':>9s} {'scaling':>8s} {'load avg':>9s}")
+    print(f"\n{'loader':9s} {'cores':>5s} {'img/s':>8s} {'per core':>9s} {'scaling':>8s} {'load avg':>9s}")
     for kind, n, r, load in rows:
         base = rate.get((kind, 1))
         scaling = f"{r / base:7.2f}x" if base and n > 1 else ""
-        print(f"{kind:8s} {n:5d} {r:8.1f} {r / n:9.1f} {scaling:>8s} {load:9.2f}")
-    for kind in ("maejax", "grain"):
+        print(f"{kind:9s} {n:5d} {r:8.1f} {r / n:9.1f} {scaling:>8s} {load:9.2f}")
+    for kind in ("maejax", "processes", "grain"):
         if (kind, 1) not in rate:
             continue
         top = max(cores)

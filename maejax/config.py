@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.flip = True
     c.dataset.prefetch = 2  # batches prepared ahead by a background thread
     c.dataset.num_threads = 8  # threads decoding and augmenting examples
+    # > 0: that many worker processes decode and augment instead of the threads (for
+    # hosts with many cores per accelerator: threads share Python's GIL).
+    c.dataset.num_workers = 0
     # Keep the whole training split on every device as uint8 and crop, resize, flip and
     # normalise inside the train step (maejax/device_input.py): for datasets that fit in
     # device memory (Fashion-MNIST: 47 MB), which the host pipeline cannot keep up with.

@@ -269,6 +269,7 @@ class TfdsSource:
     """A tfds split, random access through tfds' array_record data source."""
 
     def __init__(self, dataset_config, split: str):
+        self._config, self._split = dataset_config, split
         builder = tfds_builder(dataset_config)
         if split not in builder.info.splits:
             raise ConfigError(
@@ -285,6 +286,14 @@ class TfdsSource:
         return [
             {"image": r["image"], "label": int(r["label"])} for r in self._source.__getitems__(list(indices))
         ]
+
+    # A loader's worker process reopens the prepared split from the config (tfds' reader
+    # holds the builder, which need not pickle).
+    def __getstate__(self):
+        return {"dataset_config": self._config, "split": self._split}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
 
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -454,6 +463,12 @@ class ImageFolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def __getstate__(self):  # a loader's worker process gets its own lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def _note_unreadable(self, path: str, reason: str) -> None:
         with self._lock:

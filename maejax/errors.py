@@ -17,3 +17,7 @@ class ConfigError(UserError, ValueError):
         self.value = value
         self.valid = valid
         super().__init__(f"config.{field}={value!r} is invalid: {valid}")
+
+    def __reduce__(self):
+        # Raised in a loader's worker process, it crosses back to the training process by pickle.
+        return type(self), (self.field, self.value, self.valid)

@@ -6,6 +6,8 @@ targets, drawn from an rng that is a pure function of (seed, batch index,
 process), so a resumed run mixes exactly as an uninterrupted one.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -15,29 +17,56 @@ from maejax import augment, data_sources, device_input, preprocess
 MIX_RNG_SALT = 0x313
 
 
-def train_transform(config, size: int, channels: int, probe: bool):
-    """RandomResizedCrop + flip (+ RandAugment and random erasing when fine-tuning) + normalise."""
-    mean, std = data_sources.normalization(config.dataset, channels)
-    ft = config.finetune
-    scale = tuple(ft.crop_scale)
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop + flip (+ RandAugment and random erasing when fine-tuning) + normalise.
 
-    def transform(rng, image):
-        image = preprocess.random_resized_crop(rng, image, size, scale)
+    A dataclass rather than a closure: the loader's worker processes receive it by pickle.
+    """
+
+    size: int
+    channels: int
+    scale: tuple
+    mean: np.ndarray
+    std: np.ndarray
+    probe: bool
+    randaug_ops: int
+    randaug_magnitude: float
+    randaug_mstd: float
+    reprob: float
+
+    def __call__(self, rng, image):
+        image = preprocess.random_resized_crop(rng, image, self.size, self.scale)
         if rng.uniform() < 0.5:
             image = image[:, ::-1]
-        if not probe and ft.randaug_ops > 0:
+        if not self.probe and self.randaug_ops > 0:
             img = augment.rand_augment(
                 rng,
                 preprocess.to_pil(np.ascontiguousarray(image)),
-                ft.randaug_ops,
-                ft.randaug_magnitude,
-                ft.randaug_mstd,
+                self.randaug_ops,
+                self.randaug_magnitude,
+                self.randaug_mstd,
             )
-            image = preprocess.from_pil(img, channels)
-        image = preprocess.normalize(image, mean, std)
-        return image if probe else augment.random_erasing(rng, image, ft.reprob)
+            image = preprocess.from_pil(img, self.channels)
+        image = preprocess.normalize(image, self.mean, self.std)
+        return image if self.probe else augment.random_erasing(rng, image, self.reprob)
 
-    return transform
+
+def train_transform(config, size: int, channels: int, probe: bool) -> TrainTransform:
+    mean, std = data_sources.normalization(config.dataset, channels)
+    ft = config.finetune
+    return TrainTransform(
+        size=size,
+        channels=channels,
+        scale=tuple(ft.crop_scale),
+        mean=mean,
+        std=std,
+        probe=probe,
+        randaug_ops=ft.randaug_ops,
+        randaug_magnitude=ft.randaug_magnitude,
+        randaug_mstd=ft.randaug_mstd,
+        reprob=ft.reprob,
+    )
 
 
 def batch_maker(config, num_classes: int, probe: bool):

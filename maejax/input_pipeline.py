@@ -11,9 +11,12 @@ number of processes. Process p of P reads rows [p * B/P, (p + 1) * B/P) of
 each global batch, and `to_global` assembles the global `jax.Array`.
 """
 
+import collections
 import concurrent.futures
 import functools
 import math
+import multiprocessing
+import pickle
 import queue
 import threading
 
@@ -66,12 +69,53 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
     return slice(process_index * per, (process_index + 1) * per)
 
 
+# In a loader's worker process: the source and transform it was started with.
+_WORKER: dict = {}
+
+
+def _start_worker(source, transform) -> None:
+    _WORKER.update(source=source, transform=transform)
+
+
+def load_rows(seed: int, batch_index: int, indices, rows, source=None, transform=None):
+    """Examples `indices` as rows `rows` of batch `batch_index`: (float32 images, int32 labels).
+
+    Row j is augmented with an rng seeded by (seed, batch_index, j) wherever it
+    runs; in a worker process the source and transform are the worker's own.
+    """
+    source = _WORKER["source"] if source is None else source
+    transform = _WORKER["transform"] if transform is None else transform
+    records = source.__getitems__(list(indices))
+    images = [
+        transform(np.random.default_rng((seed, batch_index, row)), r["image"])
+        for r, row in zip(records, rows, strict=True)
+    ]
+    # copy=False: the transforms already return float32, and a second copy of the batch costs.
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return np.stack(images).astype(np.float32, copy=False), labels
+
+
+def check_picklable(source, transform, num_workers: int) -> None:
+    """Worker processes receive the source and transform by pickle: refuse before starting them."""
+    try:
+        pickle.dumps((source, transform))
+    except Exception as e:
+        valid = f"0 (threads) for this source and transform, which cannot be sent to a process: {e}"
+        raise ConfigError("dataset.num_workers", num_workers, valid) from None
+
+
 class TrainLoader:
     """Host-local training batches from `start_batch` on, prepared ahead in a thread.
 
     Iterating yields {"image": (B/P, H, W, C) float32, "label": (B/P,) int32}.
     `position` is the index of the next batch the consumer will receive: save
     it with the checkpoint and pass it back as `start_batch` to resume.
+
+    Examples are read and augmented by `num_threads` threads, or, with
+    `num_workers` > 0, by that many worker processes (started by spawn; each
+    gets the source and transform by pickle and works on slices of a batch):
+    threads share one interpreter, and a third of an example's time holds its
+    lock. Either way the batches are the same function of (seed, position).
     """
 
     def __init__(
@@ -86,6 +130,7 @@ class TrainLoader:
         process_count: int = 1,
         prefetch: int = 2,
         num_threads: int = 4,
+        num_workers: int = 0,
     ):
         # Before the thread starts: the refusal surfaces here, not at the first step.
         check_batch_fits(batch_size, len(source))
@@ -95,32 +140,54 @@ class TrainLoader:
         self._batch_size = batch_size
         self._rows = process_rows(batch_size, process_index, process_count)
         self.position = start_batch
-        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._ahead = max(prefetch, 1)
+        self._queue: queue.Queue = queue.Queue(maxsize=self._ahead)
         self._stop = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(num_threads, 1))
+        if num_workers > 0:
+            check_picklable(source, transform, num_workers)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                num_workers,
+                mp_context=multiprocessing.get_context("spawn"),  # never fork a process that runs JAX
+                initializer=_start_worker,
+                initargs=(source, transform),
+            )
+            # Two slices per worker: a slow example delays one slice, not a whole worker's share.
+            self._slices, self._local = 2 * num_workers, None
+        else:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max(num_threads, 1))
+            self._slices, self._local = None, (source, transform)
         self._thread = threading.Thread(target=self._produce, args=(start_batch,), daemon=True)
         self._thread.start()
 
+    def _submit(self, batch_index: int) -> list:
+        """Start loading this process's rows of batch `batch_index`: futures of (images, labels)."""
+        indices = batch_indices(self._seed, batch_index, self._batch_size, len(self._source))[self._rows]
+        rows = np.arange(self._rows.start, self._rows.stop)
+        pieces = len(rows) if self._slices is None else min(self._slices, len(rows))
+        local = self._local or ()
+        return [
+            self._pool.submit(load_rows, self._seed, batch_index, i, r, *local)
+            for i, r in zip(np.array_split(indices, pieces), np.array_split(rows, pieces), strict=True)
+        ]
+
     def make_batch(self, batch_index: int) -> dict:
-        indices = batch_indices(self._seed, batch_index, self._batch_size, len(self._source))
-        rows = range(self._rows.start, self._rows.stop)
+        return self._gather(self._submit(batch_index))
 
-        def load(index_row):
-            # Reading and decoding happen in the pool too: for JPEG datasets they cost the most.
-            index, row = index_row
-            record = self._source.__getitems__([index])[0]
-            rng = np.random.default_rng((self._seed, batch_index, row))
-            return self._transform(rng, record["image"]), record["label"]
-
-        examples = list(self._pool.map(load, zip(indices[self._rows], rows, strict=True)))
-        # copy=False: the transforms already return float32, and a second copy of the batch costs.
-        images = np.stack([image for image, _ in examples]).astype(np.float32, copy=False)
-        return {"image": images, "label": np.asarray([label for _, label in examples], np.int32)}
+    @staticmethod
+    def _gather(futures: list) -> dict:
+        parts = [f.result() for f in futures]
+        images = np.concatenate([images for images, _ in parts]) if len(parts) > 1 else parts[0][0]
+        return {"image": images, "label": np.concatenate([labels for _, labels in parts])}
 
     def _produce(self, batch_index: int) -> None:
+        # Batches up to `prefetch` ahead are in the pool at once: no worker idles at a batch's end.
+        pending = collections.deque()
         while not self._stop.is_set():
             try:
-                item = (batch_index, self.make_batch(batch_index))
+                while len(pending) < self._ahead:
+                    pending.append((batch_index + len(pending), self._submit(batch_index + len(pending))))
+                index, futures = pending.popleft()
+                item = (index, self._gather(futures))
             except Exception as e:  # surfaced to the consumer, not lost in the thread
                 item = (batch_index, e)
             while not self._stop.is_set():
@@ -201,13 +268,11 @@ def to_global(batch: dict, sharding) -> dict:
 
 def pretrain_transform(dataset_config, image_size: int, channels: int):
     mean, std = data_sources.normalization(dataset_config, channels)
-    scale = tuple(dataset_config.crop_scale)
-    flip = bool(dataset_config.flip)
-
-    def transform(rng, image):
-        return preprocess.pretrain_transform(rng, image, image_size, scale, flip, mean, std)
-
-    return transform
+    scale, flip = tuple(dataset_config.crop_scale), bool(dataset_config.flip)
+    # A partial of a module function, not a closure: worker processes receive it by pickle.
+    return functools.partial(
+        preprocess.pretrain_transform, size=image_size, scale=scale, flip=flip, mean=mean, std=std
+    )
 
 
 def eval_transform(dataset_config, image_size: int, channels: int, crop_ratio: float = 1.0):

@@ -168,6 +168,7 @@ def train_loader(config, source, transform, position: dict):
         process_count=jax.process_count(),
         prefetch=config.dataset.prefetch,
         num_threads=config.dataset.num_threads,
+        num_workers=config.dataset.num_workers,
     )
 
 

@@ -45,6 +45,7 @@ RESUME_MAY_CHANGE = (
     "knn.",
     "dataset.prefetch",
     "dataset.num_threads",
+    "dataset.num_workers",
     "dataset.data_dir",
     "dataset.manual_dir",
     "mesh.",

@@ -123,6 +123,7 @@ def validate_dataset(config) -> None:
     _check(config, "dataset.flip", checks.boolean)
     _int(config, "dataset.prefetch")
     _int(config, "dataset.num_threads")
+    _int(config, "dataset.num_workers", minimum=0)
     if ds.name == "image_folder" and not (ds.manual_dir and os.path.isdir(ds.manual_dir)):
         raise ConfigError(
             "dataset.manual_dir",

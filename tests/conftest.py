@@ -101,6 +101,8 @@ def pretrained_workdir(tmp_path_factory, tfds_dir):
         knn_every_steps=50,  # the pre-training kNN monitor, on small labelled subsets
         knn__num_train=1000,
         knn__num_eval=500,
+        # Worker processes through the CLI (their batches equal the threads': test_loader_workers).
+        dataset__num_workers=2,
     )
     result = subprocess.run(
         [

@@ -49,5 +49,5 @@ def test_the_benchmark_prints_a_table_and_a_projection(tmp_path):
         timeout=300,
     ).stdout
     assert "first batch identical across every loader and core count: True" in out
-    assert "maejax: 16-core host ~ 15 cores x" in out
+    assert "maejax: 16-core host ~ 15 cores x" in out and "processes: 16-core host ~ 15 cores x" in out
     assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".jpg")]) == 8

@@ -68,6 +68,7 @@ BAD = {
     "dataset.flip": ("false", {}),
     "dataset.prefetch": (0, {}),
     "dataset.num_threads": (0, {}),
+    "dataset.num_workers": (-1, {}),
     "dataset.bad_images": ("ignore", {}),
     "dataset.check_images": ("yes", {}),
     "dataset.on_device": ("yes", {}),

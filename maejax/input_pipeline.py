@@ -12,18 +12,15 @@ each global batch, and `to_global` assembles the global `jax.Array`.
 """
 
 import collections
-import concurrent.futures
 import functools
 import math
-import multiprocessing
-import pickle
 import queue
 import threading
 
 import jax
 import numpy as np
 
-from maejax import data_sources, preprocess
+from maejax import data_sources, loader_pools, preprocess
 from maejax.errors import ConfigError
 
 # Mixed into the epoch-order seed (seed, epoch, salt): keeps the permutation
@@ -69,41 +66,6 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
     return slice(process_index * per, (process_index + 1) * per)
 
 
-# In a loader's worker process: the source and transform it was started with.
-_WORKER: dict = {}
-
-
-def _start_worker(source, transform) -> None:
-    _WORKER.update(source=source, transform=transform)
-
-
-def load_rows(seed: int, batch_index: int, indices, rows, source=None, transform=None):
-    """Examples `indices` as rows `rows` of batch `batch_index`: (float32 images, int32 labels).
-
-    Row j is augmented with an rng seeded by (seed, batch_index, j) wherever it
-    runs; in a worker process the source and transform are the worker's own.
-    """
-    source = _WORKER["source"] if source is None else source
-    transform = _WORKER["transform"] if transform is None else transform
-    records = source.__getitems__(list(indices))
-    images = [
-        transform(np.random.default_rng((seed, batch_index, row)), r["image"])
-        for r, row in zip(records, rows, strict=True)
-    ]
-    # copy=False: the transforms already return float32, and a second copy of the batch costs.
-    labels = np.asarray([r["label"] for r in records], np.int32)
-    return np.stack(images).astype(np.float32, copy=False), labels
-
-
-def check_picklable(source, transform, num_workers: int) -> None:
-    """Worker processes receive the source and transform by pickle: refuse before starting them."""
-    try:
-        pickle.dumps((source, transform))
-    except Exception as e:
-        valid = f"0 (threads) for this source and transform, which cannot be sent to a process: {e}"
-        raise ConfigError("dataset.num_workers", num_workers, valid) from None
-
-
 class TrainLoader:
     """Host-local training batches from `start_batch` on, prepared ahead in a thread.
 
@@ -112,10 +74,9 @@ class TrainLoader:
     it with the checkpoint and pass it back as `start_batch` to resume.
 
     Examples are read and augmented by `num_threads` threads, or, with
-    `num_workers` > 0, by that many worker processes (started by spawn; each
-    gets the source and transform by pickle and works on slices of a batch):
-    threads share one interpreter, and a third of an example's time holds its
-    lock. Either way the batches are the same function of (seed, position).
+    `num_workers` > 0, by that many worker processes writing into shared
+    memory (maejax/loader_pools.py). Either way the batches are the same
+    function of (seed, position).
     """
 
     def __init__(
@@ -144,40 +105,25 @@ class TrainLoader:
         self._queue: queue.Queue = queue.Queue(maxsize=self._ahead)
         self._stop = threading.Event()
         if num_workers > 0:
-            check_picklable(source, transform, num_workers)
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                num_workers,
-                mp_context=multiprocessing.get_context("spawn"),  # never fork a process that runs JAX
-                initializer=_start_worker,
-                initargs=(source, transform),
-            )
-            # Two slices per worker: a slow example delays one slice, not a whole worker's share.
-            self._slices, self._local = 2 * num_workers, None
+            rows = self._rows.stop - self._rows.start
+            # One buffer more than the producer keeps in flight: make_batch can always get one.
+            self._pool = loader_pools.Processes(source, transform, seed, num_workers, rows, self._ahead + 1)
         else:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max(num_threads, 1))
-            self._slices, self._local = None, (source, transform)
+            self._pool = loader_pools.Threads(source, transform, seed, num_threads)
         self._thread = threading.Thread(target=self._produce, args=(start_batch,), daemon=True)
         self._thread.start()
 
-    def _submit(self, batch_index: int) -> list:
-        """Start loading this process's rows of batch `batch_index`: futures of (images, labels)."""
+    def _submit(self, batch_index: int):
+        """Start making this process's rows of batch `batch_index` in the pool."""
         indices = batch_indices(self._seed, batch_index, self._batch_size, len(self._source))[self._rows]
-        rows = np.arange(self._rows.start, self._rows.stop)
-        pieces = len(rows) if self._slices is None else min(self._slices, len(rows))
-        local = self._local or ()
-        return [
-            self._pool.submit(load_rows, self._seed, batch_index, i, r, *local)
-            for i, r in zip(np.array_split(indices, pieces), np.array_split(rows, pieces), strict=True)
-        ]
+        return self._pool.submit(batch_index, indices, np.arange(self._rows.start, self._rows.stop))
+
+    def _gather(self, handle) -> dict:
+        images, labels = self._pool.gather(handle)
+        return {"image": images, "label": labels}
 
     def make_batch(self, batch_index: int) -> dict:
         return self._gather(self._submit(batch_index))
-
-    @staticmethod
-    def _gather(futures: list) -> dict:
-        parts = [f.result() for f in futures]
-        images = np.concatenate([images for images, _ in parts]) if len(parts) > 1 else parts[0][0]
-        return {"image": images, "label": np.concatenate([labels for _, labels in parts])}
 
     def _produce(self, batch_index: int) -> None:
         # Batches up to `prefetch` ahead are in the pool at once: no worker idles at a batch's end.
@@ -218,7 +164,7 @@ class TrainLoader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
 
 def eval_indices(num_examples: int, batch_size: int, process_index: int, process_count: int):

@@ -65,3 +65,27 @@ def test_sources_transforms_and_errors_cross_to_a_worker_intact(tmp_path):
     error = pickle.loads(pickle.dumps(ConfigError("dataset.name", "x", "a name")))
     assert (error.field, error.value) == ("dataset.name", "x")
     assert str(error) == "config.dataset.name='x' is invalid: a name"
+
+
+def test_a_workers_error_reaches_the_training_process_and_close_frees_the_buffers(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from maejax import loader_pools
+    from maejax.config import base_config
+
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(images / f"{i}.png")
+    (images / "9.png").write_bytes(b"not a png")  # in every epoch's first batch of 5
+    buffers = tmp_path / "shm"
+    buffers.mkdir()
+    monkeypatch.setattr(loader_pools, "shared_memory_dir", lambda: str(buffers))
+    source = data_sources.ImageFolderSource(str(tmp_path / "images"), "train")
+    transform = input_pipeline.pretrain_transform(base_config().dataset, 4, 3)
+    loader = input_pipeline.TrainLoader(source, transform, seed=0, batch_size=5, num_workers=1)
+    assert len(list(buffers.iterdir())) == 1  # the loader's folder of batch buffers
+    with pytest.raises(UserError, match=r"cannot read image .*9.png"):
+        next(loader)
+    loader.close()
+    assert not list(buffers.iterdir())

@@ -18,7 +18,10 @@ import os
 import pickle
 import queue
 import shutil
+import signal
 import tempfile
+import threading
+import weakref
 
 import numpy as np
 
@@ -63,7 +66,20 @@ _WORKER: dict = {}
 
 
 def _start_worker(source, transform, seed: int) -> None:
+    # A preemption (SIGTERM) or Ctrl-C sent to the whole process group is the training
+    # process's to handle: it saves a checkpoint from the batches it has, then closes the
+    # pool; a worker dying first would only turn that into a broken pool. So workers
+    # ignore both, and leave when the training process ends however it ends (their task
+    # queue would not tell them: each worker holds its write end too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(multiprocessing.parent_process(),), daemon=True).start()
     _WORKER.update(source=source, transform=transform, seed=seed, buffers={})
+
+
+def _exit_with(parent) -> None:
+    parent.join()  # returns when the training process has ended
+    os._exit(0)
 
 
 def _load_into(path: str, shape: tuple, start: int, batch_index: int, indices, rows):
@@ -107,7 +123,10 @@ class Processes:
         example = transform(np.random.default_rng(0), source.__getitems__([0])[0]["image"])
         self._shape = (rows, *np.shape(example))
         self._slices = 2 * num_workers
-        self._dir = tempfile.mkdtemp(prefix="maejax-batches-", dir=shared_memory_dir())
+        # Named by the training process's pid: a folder a SIGKILL left behind says whose it was.
+        self._dir = tempfile.mkdtemp(prefix=f"maejax-batches-{os.getpid()}-", dir=shared_memory_dir())
+        # Removed by close(), or at exit when the process ends without it (not after SIGKILL).
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._buffers = [
             np.memmap(os.path.join(self._dir, str(i)), np.float32, "w+", shape=self._shape)
             for i in range(buffers)
@@ -146,4 +165,4 @@ class Processes:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._remove_dir()

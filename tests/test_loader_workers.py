@@ -89,3 +89,72 @@ def test_a_workers_error_reaches_the_training_process_and_close_frees_the_buffer
         next(loader)
     loader.close()
     assert not list(buffers.iterdir())
+
+
+WORKERS_SCRIPT = """
+import multiprocessing, sys, time
+import numpy as np
+from maejax import input_pipeline
+from tests.test_input_pipeline import CountingSource, transform
+
+if __name__ == "__main__":
+    loader = input_pipeline.TrainLoader(CountingSource(), transform, seed=0, batch_size=32, num_workers=2)
+    next(loader)
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(300)
+"""
+
+
+def ignores_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) >> (15 - 1) & 1)
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_leave_when_the_training_process_is_killed(tmp_path):
+    import glob
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from maejax import loader_pools
+    from tests.conftest import REPO
+
+    script = tmp_path / "train.py"
+    script.write_text(WORKERS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    command = [sys.executable, str(script)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        deadline = time.time() + 60
+        while not all(ignores_sigterm(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)  # a worker still importing has not installed its handlers yet
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)  # a preemption is the training process's to handle
+        time.sleep(1)
+        assert all(running(pid) for pid in workers)
+        proc.kill()  # no chance to close the pool
+        proc.wait()
+        deadline = time.time() + 30
+        while any(running(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(running(pid) for pid in workers)
+    finally:
+        proc.kill()
+        # SIGKILL leaves the batch buffers' folder, named by the training process's pid.
+        for left in glob.glob(os.path.join(loader_pools.shared_memory_dir(), f"maejax-batches-{proc.pid}-*")):
+            shutil.rmtree(left)

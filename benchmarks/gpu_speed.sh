@@ -3,7 +3,9 @@
 # ViT-L/16 at batch 256, bfloat16, each maejax step beside the HF reference eager and under
 # torch.compile, on the same GPU (benchmarks/train_step.py). About 7 minutes on an H200, mostly
 # compiling (a maejax ViT-L step ~50 s, torch.compile of the HF ViT-L ~105 s); each command has
-# its own time limit so a hang cannot take the rest with it.
+# its own time limit so a hang cannot take the rest with it. Then, last, the host's input
+# pipeline (benchmarks/input_pipeline.py: JPEG decode + crop, threads against worker processes)
+# pinned to 1 ... 16 cores, about 3 minutes: whether the host could feed the GPU.
 #
 #   bash benchmarks/gpu_speed.sh           # on the GPU machine; output under $OUT (else benchmarks/out)
 #   bash benchmarks/gpu_speed.sh --tiny    # the same commands at tiny sizes: checks the script on CPU
@@ -18,10 +20,13 @@ log="$out/gpu_speed.txt"
 b_models=mae:xla,mae:cudnn
 l_models=mae:xla,mae:cudnn,diffmae:cudnn
 extra=(--warmup=3 --steps=20)
+cores=$(nproc)
+input=(--cores $(printf '%s\n' 1 2 4 8 16 | awk -v n="$cores" '$1 <= n') --repeats=1 --no_grain)
 if [[ "${1:-}" == "--tiny" ]]; then
   b_models=mae:xla # cuDNN exists only on NVIDIA GPUs
   l_models=mae:xla,diffmae:xla
   extra=(--tiny --warmup=1 --steps=1 --dtype=bfloat16 --reference=both --compile_backend=eager)
+  input=(--cores 1 --repeats=1 --no_grain --images=8 --classes=2 --batch_size=4 --batches=1)
 fi
 
 {
@@ -41,4 +46,7 @@ row() { # row NAME SECONDS ARGS...: one benchmark command, stdout to the log, st
 
 row vit_b16 170 --variant=B/16 --batch=256 --models=$b_models
 row vit_l16 310 --variant=L/16 --batch=256 --models=$l_models
+echo "== input: input_pipeline.py ${input[*]} ($cores cores here)" | tee -a "$log"
+timeout 240 "$py" benchmarks/input_pipeline.py "${input[@]}" 2>"$out/input.stderr" | tee -a "$log"
+[[ ${PIPESTATUS[0]} == 0 ]] || echo "== input: failed or over 240 s; see $out/input.stderr" | tee -a "$log"
 echo "== done; output in $log"

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -103,13 +104,18 @@ def write_dataset(root: str, images: int, classes: int, width: int, height: int,
         json.dump(spec, f)
 
 
-def dataset_config(root: str):
-    from maejax import config as config_lib
+class DatasetFields(types.SimpleNamespace):
+    """The config.dataset fields the loader reads, without ml_collections (GPU hosts may lack it)."""
 
-    dataset = config_lib.base_config().dataset
-    dataset.name = "image_folder"
-    dataset.manual_dir = root
-    return dataset
+    def get(self, field, default=None):
+        return getattr(self, field, default)
+
+
+def dataset_config(root: str) -> DatasetFields:
+    """An image_folder at `root` with the official pre-training augmentation and maejax's prefetch."""
+    return DatasetFields(
+        name="image_folder", manual_dir=root, train_split="train", crop_scale=(0.2, 1.0), flip=True, prefetch=2
+    )
 
 
 # --- measurements, each in a child process pinned to its cores --------------

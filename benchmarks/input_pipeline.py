@@ -114,7 +114,12 @@ class DatasetFields(types.SimpleNamespace):
 def dataset_config(root: str) -> DatasetFields:
     """An image_folder at `root` with the official pre-training augmentation and maejax's prefetch."""
     return DatasetFields(
-        name="image_folder", manual_dir=root, train_split="train", crop_scale=(0.2, 1.0), flip=True, prefetch=2
+        name="image_folder",
+        manual_dir=root,
+        train_split="train",
+        crop_scale=(0.2, 1.0),
+        flip=True,
+        prefetch=2,
     )
 
 

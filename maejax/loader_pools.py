@@ -2,8 +2,9 @@
 
 Both make the same rows: row j of batch k is the transform of its example with an
 rng seeded by (seed, k, j), wherever it runs. Threads share one interpreter, and
-about a third of an example's time (PIL's Python side, numpy's small calls)
-holds its lock, so threads stop scaling at a few cores. Worker processes do
+the Python side of each example (PIL's wrappers, numpy's small calls) holds
+its lock, so threads scale less than processes (1.81x against 1.92x from 1 to
+2 cores in benchmarks/results/input_pipeline.txt) and worse with each core. Worker processes do
 not share it; what they cost the training process is receiving the batch. A
 pickled float32 batch costs the receiver about a millisecond of CPU per 224 px
 image (benchmarks/input_pipeline.py), a ceiling of under 1,000 img/s. So the

@@ -5,9 +5,11 @@
     python experiments/fmnist_table.py --budget=quick    # the quick check (MAE and scratch)
     python experiments/fmnist_table.py --budget=cpu --dry_run   # print the commands only
     python experiments/fmnist_table.py --budget=long --runs=mae,linprobe_mae   # part of a budget
+    python experiments/fmnist_table.py --budget=long --report   # table the runs as they are, run nothing
 
 A part of a budget (`--runs`) writes partial.json and partial.md instead: the cells
-whose runs exist, each with the steps it had out of the budget's.
+whose runs exist, each with the steps it had out of the budget's. `--report` writes
+them from the workdirs as they are without running anything, for runs stopped part-way.
 
 Runs, with the recipes in configs/ and only the budget's step counts changed
 (the recipes keep the training split on the device: dataset.on_device):
@@ -245,6 +247,17 @@ def partial_markdown(results: dict) -> str:
 KEYS = ("finetune_top1", "linprobe_top1", "knn_top1")
 
 
+def write_partial(budget_name: str, out: str, at: str) -> None:
+    """OUT/partial.json and partial.md: the budget's cells that have runs, each at the step it reached."""
+    budget = BUDGETS[budget_name]
+    results = {"budget_name": budget_name, "budget": {k: v for k, v in budget.items() if k != "starts"}}
+    results.update(partial(budget, out), commit=at, seconds=read_json(os.path.join(out, "seconds.json")))
+    write_json(os.path.join(out, "partial.json"), results)
+    with open(os.path.join(out, "partial.md"), "w") as f:
+        f.write(partial_markdown(results))
+    print(partial_markdown(results))
+
+
 def plot(budget: dict, out: str, path: str) -> None:
     import matplotlib
 
@@ -281,6 +294,12 @@ def main() -> None:
     parser.add_argument("--out", help="default: workdirs/table_<budget>")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and stop")
     parser.add_argument("--runs", help="comma-separated run names (see --dry_run): only these, in this order")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write partial.json / partial.md from the workdirs as they are and run nothing "
+        "(a run stopped part-way counts to its last evaluation)",
+    )
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
     out = os.path.abspath(args.out or os.path.join(REPO, "workdirs", f"table_{args.budget}"))
@@ -291,17 +310,15 @@ def main() -> None:
         for name, command in runs:
             print(f"{name}: {' '.join(command)}")
         return
+    if args.report:
+        write_partial(args.budget, out, commit())
+        return
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     at = commit()
     for name, command in runs:
         run(name, command, out)
     if args.runs:
-        results = {"budget_name": args.budget, "budget": {k: v for k, v in budget.items() if k != "starts"}}
-        results.update(partial(budget, out), commit=at, seconds=read_json(os.path.join(out, "seconds.json")))
-        write_json(os.path.join(out, "partial.json"), results)
-        with open(os.path.join(out, "partial.md"), "w") as f:
-            f.write(partial_markdown(results))
-        print(partial_markdown(results))
+        write_partial(args.budget, out, at)
         return
     floor = [PYTHON, "experiments/pixel_logreg.py", f"--out={os.path.join(out, 'pixel_logreg.json')}"]
     run("pixel_logreg", floor, out)

@@ -102,3 +102,14 @@ def test_part_of_a_budget_runs_the_named_runs_and_tables_the_cells_it_has(tmp_pa
     assert "MAE pre-trained 23,438 of 23,438 steps (loss 0.2500)" in text and "commit abc1234" in text
     assert "| MAE | not run | 50.0 (step 234 of 2,344) | 75.0 (step 234 of 2,344) |" in text
     assert "| scratch (random init) | not run | not run | not run |" in text
+
+
+def test_report_tables_runs_stopped_part_way_and_runs_nothing(tmp_path, monkeypatch):
+    write_metrics(tmp_path / "mae", [{"step": 23438, "loss": 0.25}])
+    write_metrics(tmp_path / "finetune_mae", [{"step": 703, "eval_top1": 0.9}, {"step": 900, "loss": 0.3}])
+    monkeypatch.setattr(table, "run", lambda *a: pytest.fail(f"--report ran {a[0]}"))
+    monkeypatch.setattr(sys, "argv", ["fmnist_table.py", "--budget=long", f"--out={tmp_path}", "--report"])
+    table.main()
+    text = (tmp_path / "partial.md").read_text()
+    assert "| MAE | 90.0 (step 703 of 7,032) | not run | not run |" in text
+    assert json.loads((tmp_path / "partial.json").read_text())["rows"]["mae"]["finetune_top1"]["step"] == 703

@@ -1,4 +1,4 @@
-"""Attention: the padded cuDNN path equals plain attention; the default path is untouched.
+"""Attention: the padded cuDNN path equals plain attention; the default path equals the library's.
 
 On CPU the padded path runs through XLA (`implementation='xla'`), which
 honours the same sequence-length arguments cuDNN does; the last tests compare
@@ -97,10 +97,37 @@ def test_padded_length_is_the_next_multiple(length, multiple, expected):
     assert attn.padded_length(length, multiple) == expected
 
 
-def test_the_default_path_is_plain_xla_attention_bit_for_bit():
-    q, k, v = qkv(197, 197)
-    ours, reference = jax.jit(lambda *a: (attn.attention(*a), plain()(*a)))(q, k, v)
-    np.testing.assert_array_equal(ours, reference)
+def packed(q, k, v):
+    """Self-attention's packed path: queries, keys and values in one (B, T, 3, H, d) array."""
+    return attn.self_attention(jnp.stack([q, k, v], axis=2))
+
+
+@pytest.mark.parametrize("lengths", [(n, n) for n in LENGTHS] + list(CROSS_LENGTHS))
+def test_the_default_path_on_cpu_equals_the_library_forward_and_gradients(lengths):
+    q, k, v = qkv(*lengths)
+    actual, expected = compare(attn.attention, plain(), q, k, v)
+    assert_all_close(actual, expected, rtol=1e-5, atol=2e-6)
+    if lengths[0] == lengths[1]:
+        actual, expected = compare(packed, plain(), q, k, v)
+        assert_all_close(actual, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_the_default_path_on_cpu_keeps_bfloat16_and_its_accuracy():
+    q, k, v = qkv(197, 197, dtype=jnp.bfloat16)
+    for fn in (attn.attention, packed):
+        actual, expected = compare(fn, plain(), q, k, v)
+        assert actual[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in actual[1])
+        assert_close_in_norm(actual, expected, 1e-2)
+
+
+def test_off_cpu_the_default_path_is_the_library_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or a[0])
+    q, k, v = qkv(17, 17)
+    attn.attention(q, k, v)
+    packed(q, k, v)
+    assert calls == [{"implementation": None}] * 2
 
 
 MAE_TINY = dict(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maejax.models.attention import attention
+from maejax.models.attention import attention, self_attention
 
 # (width, depth, num_heads, mlp_dim). 'mu' is a tiny size for tests.
 VARIANTS = {
@@ -167,7 +167,7 @@ class SelfAttention(nn.Module):
         head_dim = width // self.num_heads
         qkv = dense(3 * width, "qkv", self.dtype)(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
+        out = self_attention(qkv, self.attention_impl)
         return dense(width, "proj", self.dtype)(out.reshape(batch, length, width))
 
 
@@ -189,6 +189,16 @@ class CrossAttention(nn.Module):
         return dense(width, "proj", self.dtype)(out.reshape(batch, length, width))
 
 
+def gelu(x):
+    """Exact GELU as PyTorch writes it, x * (1 + erf(x / sqrt(2))) / 2.
+
+    `nn.gelu(approximate=False)` computes the same function through erfc,
+    whose float32 expansion on XLA CPU costs about three times erf's (a ViT-B
+    MAE step spent 4 % of its time in it).
+    """
+    return x * (1 + jax.lax.erf(x * 0.5**0.5)) / 2
+
+
 class Mlp(nn.Module):
     mlp_dim: int
     dtype: Any = jnp.float32
@@ -196,7 +206,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = dense(self.mlp_dim, "fc1", self.dtype)(x)
-        y = nn.gelu(y, approximate=False)
+        y = gelu(y)
         return dense(x.shape[-1], "fc2", self.dtype)(y)
 
 

@@ -12,6 +12,8 @@ more than one process. Environment overrides:
   MAEJAX_DISTRIBUTED=1|0   initialise (JAX detects the rest) | never initialise
   MAEJAX_LOCAL_DEVICES=all each process drives every GPU it sees (one task per
                            node) instead of JAX's one GPU per local rank
+  MAEJAX_HUGE_PAGES=0      do not restart with glibc's huge-page tunable
+                           (maejax/host_memory.py)
 """
 
 import os
@@ -20,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from maejax import host_memory
 from maejax.cli import run_cli
 from maejax.errors import UserError
 
@@ -172,4 +175,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     sys.exit(run_cli(app, main))

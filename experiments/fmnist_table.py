@@ -44,7 +44,9 @@ PYTHON = os.environ.get("PYTHON", sys.executable)
 STEPS_PER_EPOCH = 60000 / 256  # Fashion-MNIST's training split at batch 256
 
 # Step counts per budget; `evals`: test-set evaluations along each fine-tuning / probing
-# curve; `starts`: the encoders fine-tuned and probed.
+# curve; `starts`: the encoders fine-tuned and probed; `knn`: the kNN column's (training
+# bank, test queries) sizes. The long budget takes the whole of both splits (the usual
+# protocol); the short ones keep the monitor's subsets, which is what their tables ran.
 BUDGETS = {
     "quick": dict(
         pretrain=100,
@@ -62,8 +64,10 @@ BUDGETS = {
         linprobe=math.ceil(10 * STEPS_PER_EPOCH),
         evals=10,
         starts=("random", "mae", "diffmae"),
+        knn=(60000, 10000),
     ),
 }
+KNN_SUBSETS = (10000, 2000)  # maejax's kNN monitor defaults (config.knn.num_train / num_eval)
 LABELS = {"random": "scratch (random init)", "mae": "MAE", "diffmae": "DiffMAE"}
 PRETRAIN_CONFIGS = {"mae": "configs/mae_fmnist.py", "diffmae": "configs/diffmae_fmnist.py"}
 
@@ -96,6 +100,8 @@ def plan(budget: dict, out: str) -> list:
                 "eval_every_steps": max(steps // budget["evals"], 1),
                 "checkpoint_every_steps": checkpoint_every(steps),
             }
+            if task == "linprobe" and "knn" in budget:
+                fields["knn.num_train"], fields["knn.num_eval"] = budget["knn"]
             name = f"{task}_{start}"
             runs.append((name, main_command(f"configs/{task}_fmnist.py", os.path.join(out, name), fields)))
     return runs
@@ -186,7 +192,7 @@ def markdown(results: dict) -> str:
         f"({b['pretrain'] / STEPS_PER_EPOCH:.1f} epochs), fine-tuning {b['finetune']} steps "
         f"({b['finetune'] / STEPS_PER_EPOCH:.1f} epochs), linear probe {b['linprobe']} steps, batch 256; "
         f"commit {results['commit']}, {results['minutes']:.0f} min of runs on this machine. "
-        "kNN: k = 20 on the frozen encoder's cls features, 10,000 training / 2,000 test images.",
+        + knn_sentence(b),
         "",
         "| encoder | fine-tune top-1 | linear-probe top-1 | kNN top-1 |",
         "|---|---|---|---|",
@@ -196,6 +202,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {LABELS[start]} | " + " | ".join(cells) + " |")
     lines.append(f"| raw pixels, logistic regression | - | {pct(results['pixel_logreg_top1'])} | - |")
     return "\n".join(lines) + "\n"
+
+
+def knn_sentence(budget: dict) -> str:
+    bank, queries = budget.get("knn", KNN_SUBSETS)
+    return f"kNN: k = 20 on the frozen encoder's cls features, {bank:,} training / {queries:,} test images."
 
 
 def partial(budget: dict, out: str) -> dict:
@@ -234,7 +245,8 @@ def partial_markdown(results: dict) -> str:
         f"Part of budget `{results['budget_name']}` (pre-training {b['pretrain']:,} steps, fine-tuning "
         f"{b['finetune']:,}, linear probe {b['linprobe']:,}, batch 256), commit {results['commit']}: "
         + ("; ".join(trained) or "no pre-training")
-        + ". Each cell: test top-1 (%) at the step it was measured, of the run's scheduled steps.",
+        + ". Each cell: test top-1 (%) at the step it was measured, of the run's scheduled steps. "
+        + knn_sentence(b),
         "",
         "| encoder | fine-tune top-1 | linear-probe top-1 | kNN top-1 |",
         "|---|---|---|---|",

@@ -32,8 +32,12 @@ def test_every_budget_runs_the_recipes_with_only_its_step_counts_changed(tmp_pat
             given = fields(command)
             steps = budget["pretrain"] if run_name in table.PRETRAIN_CONFIGS else budget[task]
             assert int(given["total_steps"]) == steps
-            # schedule lengths and logging only: the recipe itself is the config file's
-            assert set(given) <= {"total_steps", "checkpoint_every_steps", "eval_every_steps", "init_from"}
+            # schedule lengths, logging and the kNN evaluation's sets only: the recipe is the config file's
+            lengths = {"total_steps", "checkpoint_every_steps", "eval_every_steps", "init_from"}
+            if task == "linprobe" and "knn" in budget:
+                bank, queries = budget["knn"]
+                assert (int(given.pop("knn.num_train")), int(given.pop("knn.num_eval"))) == (bank, queries)
+            assert set(given) <= lengths
             if run_name not in table.PRETRAIN_CONFIGS:
                 start = run_name.split("_", 1)[1]
                 assert given["init_from"] == ("random" if start == "random" else str(tmp_path / start))
@@ -43,6 +47,7 @@ def test_the_budgets_are_the_ones_the_readme_names():
     epochs = lambda steps: steps / table.STEPS_PER_EPOCH  # noqa: E731
     long = table.BUDGETS["long"]
     assert epochs(long["pretrain"]) >= 100 and epochs(long["finetune"]) >= 30
+    assert long["knn"] == (60000, 10000)  # the whole of both Fashion-MNIST splits
     quick = table.BUDGETS["quick"]
     assert (quick["pretrain"], quick["finetune"], quick["linprobe"]) == (100, 150, 150)
 
@@ -67,6 +72,7 @@ def test_the_table_comes_from_the_runs_files_and_a_missing_number_stops_it(tmp_p
     text = table.markdown(results)
     assert "| MAE | 62.5 | 75.0 | 87.5 |" in text and "| scratch (random init) | 50.0 | 40.0 | 30.0 |" in text
     assert "| raw pixels, logistic regression | - | 84.4 | - |" in text and "commit abc1234" in text
+    assert "10,000 training / 2,000 test images" in text  # the kNN monitor's subsets at this budget
 
     write_metrics(tmp_path / "linprobe_mae_no_knn", [{"step": 150, "eval_top1": 0.5}])
     os.replace(
@@ -102,6 +108,7 @@ def test_part_of_a_budget_runs_the_named_runs_and_tables_the_cells_it_has(tmp_pa
     assert "MAE pre-trained 23,438 of 23,438 steps (loss 0.2500)" in text and "commit abc1234" in text
     assert "| MAE | not run | 50.0 (step 234 of 2,344) | 75.0 (step 234 of 2,344) |" in text
     assert "| scratch (random init) | not run | not run | not run |" in text
+    assert "kNN: k = 20 on the frozen encoder's cls features, 60,000 training / 10,000 test images." in text
 
 
 def test_report_tables_runs_stopped_part_way_and_runs_nothing(tmp_path, monkeypatch):

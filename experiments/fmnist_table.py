@@ -7,8 +7,9 @@
     python experiments/fmnist_table.py --budget=long --runs=mae,linprobe_mae   # part of a budget
     python experiments/fmnist_table.py --budget=long --report   # table the runs as they are, run nothing
 
-A part of a budget (`--runs`) writes partial.json and partial.md instead: the cells
-whose runs exist, each with the steps it had out of the budget's. `--report` writes
+A part of a budget (`--runs`) writes partial.json, partial.md and partial_curves.png
+instead: the cells and curves whose runs exist, each cell with the steps it had out of
+the budget's. `--report` writes
 them from the workdirs as they are without running anything, for runs stopped part-way.
 
 Runs, with the recipes in configs/ and only the budget's step counts changed
@@ -267,6 +268,7 @@ def write_partial(budget_name: str, out: str, at: str) -> None:
     write_json(os.path.join(out, "partial.json"), results)
     with open(os.path.join(out, "partial.md"), "w") as f:
         f.write(partial_markdown(results))
+    plot(budget, out, os.path.join(out, "partial_curves.png"))
     print(partial_markdown(results))
 
 
@@ -284,7 +286,10 @@ def plot(budget: dict, out: str, path: str) -> None:
     axes[0].set(title="pre-training loss", xlabel="step", yscale="log")
     for col, (task, title) in enumerate((("finetune", "fine-tuning"), ("linprobe", "linear probe")), start=1):
         for start in budget["starts"]:
-            rows = read_metrics(os.path.join(out, f"{task}_{start}"))
+            workdir = os.path.join(out, f"{task}_{start}")
+            if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+                continue  # part of a budget: a run not started yet has no curve
+            rows = read_metrics(workdir)
             train = [r for r in rows if "loss" in r]
             evals = [r for r in rows if "eval_top1" in r]
             axes[col].plot([r["step"] for r in train], [r["loss"] for r in train], label=LABELS[start])
@@ -295,7 +300,8 @@ def plot(budget: dict, out: str, path: str) -> None:
         axes[col + 2].set(title=f"{title}: test top-1 (%)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a panel of a partial budget may have no curve yet
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 

@@ -120,3 +120,4 @@ def test_report_tables_runs_stopped_part_way_and_runs_nothing(tmp_path, monkeypa
     text = (tmp_path / "partial.md").read_text()
     assert "| MAE | 90.0 (step 703 of 7,032) | not run | not run |" in text
     assert json.loads((tmp_path / "partial.json").read_text())["rows"]["mae"]["finetune_top1"]["step"] == 703
+    assert (tmp_path / "partial_curves.png").stat().st_size > 0  # the curves of the runs that exist

@@ -7,10 +7,11 @@
     python experiments/fmnist_table.py --budget=long --runs=mae,linprobe_mae   # part of a budget
     python experiments/fmnist_table.py --budget=long --report   # table the runs as they are, run nothing
 
-A part of a budget (`--runs`) writes partial.json, partial.md and partial_curves.png
-instead: the cells and curves whose runs exist, each cell with the steps it had out of
-the budget's. `--report` writes
-them from the workdirs as they are without running anything, for runs stopped part-way.
+A part of a budget (`--runs`, which may also name `pixel_logreg`, the raw-pixel floors)
+writes partial.json, partial.md and partial_curves.png instead: the cells and curves
+whose runs exist, each cell with the steps it had out of the budget's. `--report`
+writes them from the workdirs as they are without running anything, for runs stopped
+part-way.
 
 Runs, with the recipes in configs/ and only the budget's step counts changed
 (the recipes keep the training split on the device: dataset.on_device):
@@ -108,6 +109,13 @@ def plan(budget: dict, out: str) -> list:
     return runs
 
 
+def pixel_floors(budget: dict, out: str) -> tuple:
+    """(name, command) of the raw-pixel floors, their kNN on the same sets as the encoders'."""
+    bank, queries = budget.get("knn", KNN_SUBSETS)
+    command = [PYTHON, "experiments/pixel_logreg.py", f"--out={os.path.join(out, 'pixel_logreg.json')}"]
+    return "pixel_logreg", command + [f"--knn_train={bank}", f"--knn_eval={queries}"]
+
+
 def select(runs: list, names: str) -> list:
     """The named runs of a plan, in the order named; an unknown name is an error naming the valid ones."""
     by_name = dict(runs)
@@ -201,8 +209,14 @@ def markdown(results: dict) -> str:
     for start, row in results["rows"].items():
         cells = [pct(row["finetune_top1"]), pct(row["linprobe_top1"]), pct(row["knn_top1"])]
         lines.append(f"| {LABELS[start]} | " + " | ".join(cells) + " |")
-    lines.append(f"| raw pixels, logistic regression | - | {pct(results['pixel_logreg_top1'])} | - |")
+    lines.append(pixel_row(results["pixel_logreg"]))
     return "\n".join(lines) + "\n"
+
+
+def pixel_row(floor: dict) -> str:
+    """The raw-pixel floors' row: logistic regression under the probe, kNN (when measured) under kNN."""
+    knn = f"{100 * floor['knn_top1']:.1f}" if "knn_top1" in floor else "-"
+    return f"| raw pixels, logistic regression / kNN | - | {100 * floor['eval_top1']:.1f} | {knn} |"
 
 
 def knn_sentence(budget: dict) -> str:
@@ -228,7 +242,11 @@ def partial(budget: dict, out: str) -> dict:
         }
         for start in budget["starts"]
     }
-    return {"pretraining": pretraining, "rows": rows}
+    return {
+        "pretraining": pretraining,
+        "rows": rows,
+        "pixel_logreg": read_json(os.path.join(out, "pixel_logreg.json")),
+    }
 
 
 def partial_markdown(results: dict) -> str:
@@ -254,6 +272,8 @@ def partial_markdown(results: dict) -> str:
     ]
     for start, row in results["rows"].items():
         lines.append(f"| {LABELS[start]} | " + " | ".join(show(row[k]) for k in KEYS) + " |")
+    if results.get("pixel_logreg"):
+        lines.append(pixel_row(results["pixel_logreg"]))
     return "\n".join(lines) + "\n"
 
 
@@ -323,7 +343,7 @@ def main() -> None:
     out = os.path.abspath(args.out or os.path.join(REPO, "workdirs", f"table_{args.budget}"))
     runs = plan(budget, out)
     if args.runs:
-        runs = select(runs, args.runs)
+        runs = select(runs + [pixel_floors(budget, out)], args.runs)
     if args.dry_run:
         for name, command in runs:
             print(f"{name}: {' '.join(command)}")
@@ -338,8 +358,7 @@ def main() -> None:
     if args.runs:
         write_partial(args.budget, out, at)
         return
-    floor = [PYTHON, "experiments/pixel_logreg.py", f"--out={os.path.join(out, 'pixel_logreg.json')}"]
-    run("pixel_logreg", floor, out)
+    run(*pixel_floors(budget, out), out)
     if budget.get("inpainting", True):
         inpainting = [PYTHON, "experiments/inpainting_table.py", f"--diffmae={os.path.join(out, 'diffmae')}"]
         inpainting += [f"--mae={os.path.join(out, 'mae')}", f"--out={os.path.join(out, 'inpainting')}"]

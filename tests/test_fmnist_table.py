@@ -65,13 +65,13 @@ def test_the_table_comes_from_the_runs_files_and_a_missing_number_stops_it(tmp_p
             tmp_path / f"finetune_{start}", [{"step": 1, "loss": 2.0}, {"step": 150, "eval_top1": ft}]
         )
         write_metrics(tmp_path / f"linprobe_{start}", [{"step": 150, "eval_top1": lp, "knn_top1": knn}])
-    table.write_json(str(tmp_path / "pixel_logreg.json"), {"eval_top1": 0.844})
+    table.write_json(str(tmp_path / "pixel_logreg.json"), {"eval_top1": 0.844, "knn_top1": 0.8125})
     results = table.collect(budget, str(tmp_path))
     assert results["rows"]["mae"] == {"finetune_top1": 0.625, "linprobe_top1": 0.75, "knn_top1": 0.875}
     results.update(budget_name="quick", budget=budget, commit="abc1234", minutes=10.0)
     text = table.markdown(results)
     assert "| MAE | 62.5 | 75.0 | 87.5 |" in text and "| scratch (random init) | 50.0 | 40.0 | 30.0 |" in text
-    assert "| raw pixels, logistic regression | - | 84.4 | - |" in text and "commit abc1234" in text
+    assert "| raw pixels, logistic regression / kNN | - | 84.4 | 81.2 |" in text and "commit abc1234" in text
     assert "10,000 training / 2,000 test images" in text  # the kNN monitor's subsets at this budget
 
     write_metrics(tmp_path / "linprobe_mae_no_knn", [{"step": 150, "eval_top1": 0.5}])
@@ -108,6 +108,7 @@ def test_part_of_a_budget_runs_the_named_runs_and_tables_the_cells_it_has(tmp_pa
     assert "MAE pre-trained 23,438 of 23,438 steps (loss 0.2500)" in text and "commit abc1234" in text
     assert "| MAE | not run | 50.0 (step 234 of 2,344) | 75.0 (step 234 of 2,344) |" in text
     assert "| scratch (random init) | not run | not run | not run |" in text
+    assert "raw pixels" not in text  # the floors not run yet
     assert "kNN: k = 20 on the frozen encoder's cls features, 60,000 training / 10,000 test images." in text
 
 
@@ -121,3 +122,28 @@ def test_report_tables_runs_stopped_part_way_and_runs_nothing(tmp_path, monkeypa
     assert "| MAE | 90.0 (step 703 of 7,032) | not run | not run |" in text
     assert json.loads((tmp_path / "partial.json").read_text())["rows"]["mae"]["finetune_top1"]["step"] == 703
     assert (tmp_path / "partial_curves.png").stat().st_size > 0  # the curves of the runs that exist
+
+
+def test_the_pixel_floors_run_with_the_budgets_knn_sets_and_join_a_partial_table(tmp_path, monkeypatch):
+    name, command = table.pixel_floors(table.BUDGETS["long"], str(tmp_path))
+    assert name == "pixel_logreg" and command[-2:] == ["--knn_train=60000", "--knn_eval=10000"]
+    assert table.pixel_floors(table.BUDGETS["cpu"], str(tmp_path))[1][-2:] == [
+        "--knn_train=10000",
+        "--knn_eval=2000",
+    ]
+
+    import pixel_logreg
+
+    out = tmp_path / "pixel_logreg.json"
+    argv = ["pixel_logreg.py", f"--out={out}", "--epochs=1", "--knn_train=3000", "--knn_eval=500"]
+    monkeypatch.setattr(sys, "argv", argv)
+    pixel_logreg.main()
+    floor = json.loads(out.read_text())
+    assert (floor["knn_train"], floor["knn_eval"]) == (3000, 500)
+    # raw Fashion-MNIST pixels are far from chance (10 %) with either classifier
+    assert floor["eval_top1"] > 0.7 and floor["knn_top1"] > 0.6
+
+    monkeypatch.setattr(sys, "argv", ["fmnist_table.py", "--budget=long", f"--out={tmp_path}", "--report"])
+    table.main()
+    cells = f"{100 * floor['eval_top1']:.1f} | {100 * floor['knn_top1']:.1f}"
+    assert f"| raw pixels, logistic regression / kNN | - | {cells} |" in (tmp_path / "partial.md").read_text()

@@ -16,7 +16,8 @@ part-way.
 Runs, with the recipes in configs/ and only the budget's step counts changed
 (the recipes keep the training split on the device: dataset.on_device):
 pre-training (`mae_fmnist`, `diffmae_fmnist`), then from each start (random
-init, MAE, DiffMAE) fine-tuning (`finetune_fmnist`) and linear probing
+init, MAE, DiffMAE) fine-tuning (`finetune_fmnist`; the long budget's 30 epochs
+run `finetune_fmnist_long`, which turns mild regularisation on) and linear probing
 (`linprobe_fmnist`, which also logs the kNN top-1 of the frozen features), the
 logistic regression on raw pixels (the floor), the inpainting table
 (experiments/inpainting_table.py) and the curves. Writes, under OUT
@@ -49,6 +50,7 @@ STEPS_PER_EPOCH = 60000 / 256  # Fashion-MNIST's training split at batch 256
 # curve; `starts`: the encoders fine-tuned and probed; `knn`: the kNN column's (training
 # bank, test queries) sizes. The long budget takes the whole of both splits (the usual
 # protocol); the short ones keep the monitor's subsets, which is what their tables ran.
+# `<task>_config`: a recipe other than configs/<task>_fmnist.py (the short-run one).
 BUDGETS = {
     "quick": dict(
         pretrain=100,
@@ -67,6 +69,7 @@ BUDGETS = {
         evals=10,
         starts=("random", "mae", "diffmae"),
         knn=(60000, 10000),
+        finetune_config="configs/finetune_fmnist_long.py",  # regularised for 30 epochs
     ),
 }
 KNN_SUBSETS = (10000, 2000)  # maejax's kNN monitor defaults (config.knn.num_train / num_eval)
@@ -105,8 +108,13 @@ def plan(budget: dict, out: str) -> list:
             if task == "linprobe" and "knn" in budget:
                 fields["knn.num_train"], fields["knn.num_eval"] = budget["knn"]
             name = f"{task}_{start}"
-            runs.append((name, main_command(f"configs/{task}_fmnist.py", os.path.join(out, name), fields)))
+            runs.append((name, main_command(recipe(budget, task), os.path.join(out, name), fields)))
     return runs
+
+
+def recipe(budget: dict, task: str) -> str:
+    """The config file a budget's fine-tuning or probing runs."""
+    return budget.get(f"{task}_config", f"configs/{task}_fmnist.py")
 
 
 def pixel_floors(budget: dict, out: str) -> tuple:
@@ -199,7 +207,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Budget `{results['budget_name']}`: pre-training {b['pretrain']} steps "
         f"({b['pretrain'] / STEPS_PER_EPOCH:.1f} epochs), fine-tuning {b['finetune']} steps "
-        f"({b['finetune'] / STEPS_PER_EPOCH:.1f} epochs), linear probe {b['linprobe']} steps, batch 256; "
+        f"({b['finetune'] / STEPS_PER_EPOCH:.1f} epochs, `{recipe(b, 'finetune')}`), "
+        f"linear probe {b['linprobe']} steps (`{recipe(b, 'linprobe')}`), batch 256; "
         f"commit {results['commit']}, {results['minutes']:.0f} min of runs on this machine. "
         + knn_sentence(b),
         "",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_config_file
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import fmnist_table as table  # noqa: E402
@@ -26,7 +26,7 @@ def test_every_budget_runs_the_recipes_with_only_its_step_counts_changed(tmp_pat
         assert list(runs) == wanted, name
         for run_name, command in runs.items():
             task = run_name.split("_")[0]
-            config = table.PRETRAIN_CONFIGS.get(run_name, f"configs/{task}_fmnist.py")
+            config = table.PRETRAIN_CONFIGS.get(run_name, table.recipe(budget, task))
             assert f"--config={config}" in command
             assert f"--workdir={tmp_path / run_name}" in command
             given = fields(command)
@@ -50,6 +50,37 @@ def test_the_budgets_are_the_ones_the_readme_names():
     assert long["knn"] == (60000, 10000)  # the whole of both Fashion-MNIST splits
     quick = table.BUDGETS["quick"]
     assert (quick["pretrain"], quick["finetune"], quick["linprobe"]) == (100, 150, 150)
+
+
+def flat(config, prefix=""):
+    """{dotted field: value} of a ConfigDict's leaves."""
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def test_the_long_fine_tuning_recipe_is_the_short_one_with_mild_regularisation():
+    long = table.BUDGETS["long"]
+    assert table.recipe(long, "finetune") == "configs/finetune_fmnist_long.py"
+    assert table.recipe(long, "linprobe") == "configs/linprobe_fmnist.py"
+    assert table.recipe(table.BUDGETS["cpu"], "finetune") == "configs/finetune_fmnist.py"
+    short = flat(load_config_file(os.path.join(REPO, "configs/finetune_fmnist.py")))
+    recipe = flat(load_config_file(os.path.join(REPO, table.recipe(long, "finetune"))))
+    assert recipe["total_steps"] == long["finetune"]  # its own schedule is the budget's
+    changed = {k: (short[k], recipe[k]) for k in short if short[k] != recipe[k]}
+    assert changed == {
+        "total_steps": (470, 7032),
+        "eval_every_steps": (235, 703),
+        "checkpoint_every_steps": (200, 1000),
+        "finetune.crop_scale": ((1.0, 1.0), (0.8, 1.0)),
+        "finetune.label_smoothing": (0.0, 0.1),
+        "model.drop_path": (0.0, 0.1),
+        "optimizer.layer_decay": (1.0, 0.75),
+    }
 
 
 def write_metrics(workdir, rows):

@@ -14,6 +14,10 @@ prediction: no noise is added at the end.
 - 'ddim': Song et al.'s update with stochasticity eta (0 = deterministic).
 - 'renoise': the seed note's literal procedure: predict x0, then noise it
   afresh to the next smaller t with q(x_s | x0).
+
+What the decoder's output stands for is `x0_estimate`'s business: the clean
+patches themselves (DiffMAE's x0-prediction) or v (Salimans & Ho), from which
+x0 follows given x_t; either way the loss and the samplers see an x0 estimate.
 """
 
 from typing import NamedTuple
@@ -25,6 +29,7 @@ import numpy as np
 # The one list of each choice: config validation (validate.py, models/model_config.py) imports these.
 SCHEDULES = ("linear", "cosine", "linear_pow")
 SAMPLERS = ("ddpm", "ddim", "renoise")
+PREDICTIONS = ("x0", "v")
 COSINE_OFFSET = 0.008
 
 
@@ -84,11 +89,35 @@ def _expand(values, like):
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
-def q_sample(schedule: Schedule, x0, t, eps):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per example t (B,) (traced is fine)."""
+def _signal_and_noise(schedule: Schedule, t, like):
+    """sqrt(abar_t) and sqrt(1 - abar_t) per example t (B,) (traced is fine), broadcastable to `like`."""
     signal = jnp.asarray(np.sqrt(schedule.alphas_cumprod), jnp.float32)[t]
     noise = jnp.asarray(np.sqrt(-np.expm1(np.log(schedule.alphas_cumprod))), jnp.float32)[t]
-    return _expand(signal, x0) * x0 + _expand(noise, x0) * eps
+    return _expand(signal, like), _expand(noise, like)
+
+
+def q_sample(schedule: Schedule, x0, t, eps):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per example t (B,) (traced is fine)."""
+    signal, noise = _signal_and_noise(schedule, t, x0)
+    return signal * x0 + noise * eps
+
+
+def x0_estimate(schedule: Schedule, output, x_t, t, prediction: str):
+    """The x0 estimate a decoder's `output` stands for, at timesteps t (B,).
+
+    - x0: the output is the estimate (DiffMAE's x0-prediction).
+    - v:  the output is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, so
+          x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v. At small t the estimate
+          is x_t plus a small correction, so a nearly clean input keeps its
+          detail without the decoder having to learn the identity; at t = T-1
+          it is -v, the x0-prediction again.
+    """
+    if prediction == "x0":
+        return output
+    if prediction == "v":
+        signal, noise = _signal_and_noise(schedule, t, x_t)
+        return signal * x_t - noise * output
+    raise ValueError(f"unknown prediction {prediction!r}; valid: {PREDICTIONS}")
 
 
 def posterior_coefficients(schedule: Schedule, t, s):

@@ -73,6 +73,24 @@ def test_pred_holds_x0_at_masked_and_the_truth_at_visible_positions():
     assert np.all((np.asarray(out["t"]) >= 0) & (np.asarray(out["t"]) < 100))
 
 
+@pytest.mark.slow
+def test_a_v_predicting_decoder_turns_its_output_into_the_x0_estimate():
+    model, params = init(TINY)
+    v_model = models.build_model({**TINY, "diffusion": {**TINY["diffusion"], "prediction": "v"}})
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(1), (2, 49))
+    encoded = model.apply({"params": params}, images, noise, method=model.encode)
+    x_t = jax.random.normal(jax.random.key(2), (2, 37, 16))
+    t = jnp.asarray([0, 99], jnp.int32)
+    # The same parameters: only what the decoder's output means differs.
+    raw = model.apply({"params": params}, encoded, x_t, t, method=model.denoise)
+    estimate = v_model.apply({"params": params}, encoded, x_t, t, method=v_model.denoise)
+    abar = model.schedule.alphas_cumprod[np.asarray(t)][:, None, None]
+    np.testing.assert_allclose(estimate, np.sqrt(abar) * x_t - np.sqrt(1 - abar) * raw, atol=1e-5)
+    loss = v_model.apply({"params": params}, images, noise=noise, t=t, eps=x_t)["loss"]
+    assert np.isfinite(float(loss))
+
+
 def count_patch_embeddings(jaxpr, kernel_shape) -> int:
     """dot_generals whose operand is the encoder's (p*p*C, D) patch-embedding kernel, sub-jaxprs included."""
     count = 0

@@ -49,6 +49,23 @@ def test_q_sample_has_the_right_moments():
     assert float(xt.var()) == pytest.approx(1.0 - abar, rel=0.02)
 
 
+def test_the_x0_estimate_of_v_recovers_x0_and_of_x0_is_the_output():
+    schedule = diffusion.make_schedule("linear_pow", T)
+    t = jnp.asarray([0, 1, 250, 999], jnp.int32)
+    x0, eps = (jax.random.normal(jax.random.key(k), (4, 3, 5)) for k in (0, 1))
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None, None]
+    v = jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    np.testing.assert_allclose(diffusion.x0_estimate(schedule, v, x_t, t, "v"), x0, atol=2e-5)
+    assert diffusion.x0_estimate(schedule, v, x_t, t, "x0") is v
+    # At t = 0 the estimate is x_t up to 1 % of v: a nearly clean input passes through.
+    anything = jnp.ones_like(x_t)
+    close = diffusion.x0_estimate(schedule, anything, x_t, t, "v")[0] - x_t[0]
+    assert float(jnp.abs(close).max()) < 0.011
+    with pytest.raises(ValueError, match="unknown prediction 'eps'"):
+        diffusion.x0_estimate(schedule, v, x_t, t, "eps")
+
+
 @pytest.mark.parametrize("t, s", [(500, 499), (500, 300), (10, -1), (999, 0)])
 def test_posterior_matches_the_bayes_formulas(t, s):
     schedule = diffusion.make_schedule("cosine", T)

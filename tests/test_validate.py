@@ -57,6 +57,7 @@ BAD = {
     "model.diffusion.timesteps": (0, {}),
     "model.diffusion.schedule": ("sigmoid", {}),
     "model.diffusion.rho": (0.0, {}),
+    "model.diffusion.prediction": ("eps", {}),
     "model.diffusion.beta_start": (0.0, {}),
     "model.diffusion.beta_end": (5e-5, {}),  # below beta_start = 1e-4
     "dataset.name": ("", {}),
@@ -186,6 +187,7 @@ def test_pool_tokens_refuses_an_unknown_pool_instead_of_averaging():
 
 def test_each_choice_list_lives_in_the_module_that_implements_it(monkeypatch):
     assert model_config.SCHEDULES is diffusion.SCHEDULES
+    assert model_config.PREDICTIONS is diffusion.PREDICTIONS
     assert model_config.DECODER_VARIANTS is diffmae.VARIANTS
     assert model_config.POOLS is vit.POOLS
     assert not hasattr(validate, "SAMPLERS")

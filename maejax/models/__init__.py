@@ -58,6 +58,7 @@ def build_model(config_model):
             beta_start=d.beta_start,
             beta_end=d.beta_end,
             rho=d.rho,
+            prediction=d.prediction,
             **common,
         )
     if cfg.name == "classifier":

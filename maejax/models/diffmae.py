@@ -4,7 +4,10 @@ Only the masked patches are noised, x_t^m = sqrt(abar_t) x_0^m +
 sqrt(1 - abar_t) eps; the MAE encoder (unchanged: it never sees t or noise)
 encodes the visible patches; the decoder predicts the clean masked patches
 (x0-prediction) from x_t^m, t and the encoder's output. Loss: per-patch MSE
-averaged over masked patches, t uniform per example.
+of the x0 estimate averaged over masked patches, t uniform per example. With
+`model.diffusion.prediction='v'` the decoder outputs v instead and the x0
+estimate is sqrt(abar_t) x_t - sqrt(1 - abar_t) v (`diffusion.x0_estimate`);
+the loss, the samplers and `pred` are unchanged.
 
 Decoder variants (`model.decoder.variant`):
 - 'joint': self-attention over the projected visible latents and the
@@ -202,6 +205,7 @@ class DiffMAE(PatchModel, nn.Module):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     rho: float = 0.8
+    prediction: str = "x0"
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
@@ -258,8 +262,9 @@ class DiffMAE(PatchModel, nn.Module):
         }
 
     def denoise(self, encoded: dict, x_t, t):
-        """x0 prediction (B, Lm, P) of the masked patches from x_t (B, Lm, P) at timesteps t (B,)."""
-        return self.decoder(x_t, t, encoded, encoded["ids_keep"], encoded["ids_mask"]).astype(jnp.float32)
+        """x0 estimate (B, Lm, P) of the masked patches from x_t (B, Lm, P) at timesteps t (B,)."""
+        output = self.decoder(x_t, t, encoded, encoded["ids_keep"], encoded["ids_mask"]).astype(jnp.float32)
+        return diffusion.x0_estimate(self.schedule, output, x_t, t, self.prediction)
 
     def assemble(self, encoded: dict, masked_patches):
         """(B, L, P): the given masked patches in place, the true visible ones elsewhere."""

@@ -169,12 +169,17 @@ def saved_config(workdir: str, filename: str = CONFIG_FILE) -> dict | None:
 
 
 def changed_fields(saved: dict | None, config) -> list:
-    """Dotted names of the leaves that differ between a saved config.json and `config`."""
+    """Dotted names of the leaves that differ between a saved config.json and `config`.
+
+    A field the saved config lacks was added to maejax after it was written:
+    that run had the field's default, so only another value counts as a change.
+    """
     if saved is None:
         return []
-    current = json.loads(config_lib.with_resolved_model(config).to_json_best_effort())
-    old, new = dict(_leaves(saved)), dict(_leaves(current))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    resolved_json = lambda c: json.loads(config_lib.with_resolved_model(c).to_json_best_effort())  # noqa: E731
+    old, new = dict(_leaves(saved)), dict(_leaves(resolved_json(config)))
+    defaults = dict(_leaves(resolved_json(config_lib.base_config())))
+    return sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -329,3 +329,15 @@ def test_the_sample_config_does_not_replace_the_training_config(tmp_path):
     t = task.Task(diffmae_sample_config(str(tmp_path / "data")), str(tmp_path), None, None, True)
     task.record_config(t, filename=task.SAMPLE_CONFIG_FILE)
     assert os.listdir(tmp_path) == [task.SAMPLE_CONFIG_FILE]
+
+
+def test_a_field_added_after_a_config_was_saved_counts_as_its_default():
+    from maejax import config as config_lib
+    from maejax.recipes import fmnist_diffmae
+
+    config = fmnist_diffmae()
+    saved = json.loads(config_lib.with_resolved_model(config).to_json_best_effort())
+    del saved["model"]["diffusion"]["prediction"]  # a config.json written before the field existed
+    assert task.changed_fields(saved, config) == []
+    config.model.diffusion.prediction = "v"
+    assert task.changed_fields(saved, config) == ["model.diffusion.prediction"]

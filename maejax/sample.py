@@ -33,7 +33,7 @@ from maejax import (
 )
 from maejax import task as task_lib
 from maejax.errors import ConfigError, UserError
-from maejax.models import masking
+from maejax.models import masking, model_config
 
 TRAJECTORY_SNAPSHOTS = 5
 GRID_ROWS = 8
@@ -150,12 +150,29 @@ def mae_prediction(mae, params, images, noise, mean, std):
 def load_diffmae(task, model):
     """The DiffMAE params to sample from (WORKDIR or config.init_from), checked against the config."""
     source_dir = task.config.init_from or task.workdir
-    task_lib.source_model(source_dir, "diffmae", "config.init_from" if task.config.init_from else "--workdir")
+    label = "config.init_from" if task.config.init_from else "--workdir"
+    trained = task_lib.source_model(source_dir, "diffmae", label)
+    if trained is not None:
+        check_diffusion_matches(trained, task.model, f"{label}={source_dir!r}")
     params, loaded = checkpoint.load_params(source_dir)
     if "decoder" not in params:
         raise UserError(f"{loaded} holds encoder weights only; sampling needs the DiffMAE decoder")
     task_lib.check_params_match(params, abstract_params(model), loaded)
     return params, loaded
+
+
+def check_diffusion_matches(trained, resolved, source: str) -> None:
+    """Refuse to sample with `model.diffusion` fields other than the checkpoint was trained with.
+
+    The schedule and what the decoder outputs shape no parameter, so the
+    params check cannot see them, and a mismatch would sample silently wrong.
+    A field missing from an older config.json was trained with its default.
+    """
+    saved = dict(trained.get("diffusion", {}))
+    for field, value in resolved.diffusion.items():
+        was = saved.get(field, model_config.DEFAULTS["diffusion"][field])
+        if was != value:
+            raise ConfigError(f"model.diffusion.{field}", value, f"{was!r}, what {source} was trained with")
 
 
 def abstract_params(model):

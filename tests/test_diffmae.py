@@ -276,3 +276,21 @@ def test_user_masks_come_from_a_npy_file(tmp_path):
     config.mask = str(tmp_path / "missing.npy")
     with pytest.raises(ConfigError, match="sample.mask"):
         sample.make_masks(config, 2, 7, seed=0)
+
+
+def test_sampling_refuses_diffusion_fields_other_than_the_checkpoint_was_trained_with():
+    from ml_collections import ConfigDict
+
+    from maejax.errors import ConfigError
+    from maejax.models import model_config
+
+    resolved = model_config.resolve(ConfigDict({**TINY, "diffusion": {"prediction": "v"}}))
+    trained_v = ConfigDict({"name": "diffmae", "diffusion": {**resolved.diffusion}})
+    sample.check_diffusion_matches(trained_v, resolved, "--workdir='w'")  # the same: no error
+    written_before_the_field = ConfigDict({"name": "diffmae", "diffusion": {"timesteps": 100}})
+    with pytest.raises(ConfigError, match=r"model\.diffusion\.prediction.*'v'.*'x0', what --workdir='w'"):
+        sample.check_diffusion_matches(written_before_the_field, resolved, "--workdir='w'")
+    cosine = {**resolved.diffusion, "schedule": "cosine"}
+    trained_cosine = ConfigDict({"name": "diffmae", "diffusion": cosine})
+    with pytest.raises(ConfigError, match=r"model\.diffusion\.schedule"):
+        sample.check_diffusion_matches(trained_cosine, resolved, "--workdir='w'")

@@ -18,7 +18,6 @@ Writes OUT/profile.json and OUT/profile.md (with the commit it ran at).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -29,7 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from experiments.inpainting_table import commit  # noqa: E402
+from experiments.inpainting_table import commit, write_record  # noqa: E402
 from maejax import checkpoint, data_sources, diffusion, evaluate, input_pipeline, models, preprocess  # noqa: E402
 from maejax import config as config_lib  # noqa: E402
 from maejax import sample as sample_lib  # noqa: E402
@@ -69,7 +68,7 @@ def profile(workdir: str, num_images: int, timesteps) -> dict:
         return np.clip(sample_lib._pixels(model, params, encoded, patches, mean, std), 0.0, 1.0)
 
     rows = []
-    for t in timesteps:
+    for t in [t for t in timesteps if t < model.timesteps]:
         ts = jnp.full((x0.shape[0],), t, jnp.int32)
         x_t = diffusion.q_sample(schedule, x0, ts, eps)
         estimate = pixels(model.apply({"params": params}, encoded, x_t, ts, method=model.denoise))
@@ -116,13 +115,8 @@ def main(argv=None):
         parser.error(f"--num_images={args.num_images} is invalid: at least 1")
     results = {w: profile(w, args.num_images, TIMESTEPS) for w in args.diffmae}
     revision = commit()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump({"commit": revision, "num_images": args.num_images, "models": results}, f, indent=2)
-    text = markdown(results, args.num_images, revision)
-    with open(os.path.join(args.out, "profile.md"), "w") as f:
-        f.write(text)
-    print(text)
+    record = {"commit": revision, "num_images": args.num_images, "models": results}
+    write_record(args.out, "profile", record, markdown(results, args.num_images, revision))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,16 @@ def commit() -> str:
         return "unknown (not a git checkout)"
 
 
+def write_record(out: str, stem: str, record: dict, text: str) -> None:
+    """OUT/<stem>.json (the numbers) and OUT/<stem>.md (their table), and the table on stdout."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 # ---------------------------------------------------------------- models
 
 

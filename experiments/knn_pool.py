@@ -9,16 +9,16 @@ patch tokens (`knn.pool='avg'`) may be the better kNN feature. To choose
 without looking at the test split, each pool is first scored on a validation
 split carved from the training split (bank: its first `--bank` images,
 queries: the rest), then on the usual protocol (bank: the whole training
-split, queries: the whole test split). The same weighted kNN as maejax's
-monitor (k = 20, cosine similarity, temperature 0.07) on the frozen encoder
-of each workdir's newest checkpoint, images as the evaluation pipeline
-reads them (no augmentation).
+split, queries: the whole test split; `--num_train` / `--num_eval` take the
+first images of each only, as the kNN monitor's knn.num_train / num_eval
+do). The same weighted kNN as maejax's monitor (k = 20, cosine similarity,
+temperature 0.07) on the frozen encoder of each workdir's newest checkpoint,
+images as the evaluation pipeline reads them (no augmentation).
 
 Writes OUT/knn_pool.json and OUT/knn_pool.md (with the commit it ran at).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from experiments.inpainting_table import commit  # noqa: E402
+from experiments.inpainting_table import commit, write_record  # noqa: E402
 from maejax import checkpoint, data_sources, evaluate, input_pipeline, models  # noqa: E402
 from maejax import config as config_lib  # noqa: E402
 from maejax import task as task_lib  # noqa: E402
@@ -38,8 +38,8 @@ K, TEMPERATURE = 20, 0.07  # maejax's kNN monitor defaults (config.knn)
 BATCH = 1000
 
 
-def split_features(config, resolved, model, params, split: str) -> tuple:
-    """({pool: (N, D) features}, (N,) labels) of a whole split, in order."""
+def split_features(config, resolved, model, params, split: str, limit=None) -> tuple:
+    """({pool: (N, D) features}, (N,) labels) of a split's first `limit` images (all: None), in order."""
     channels = resolved.in_channels
     source = data_sources.get_source(config.dataset, split, channels)
     transform = input_pipeline.eval_transform(config.dataset, resolved.image_size, channels)
@@ -47,7 +47,7 @@ def split_features(config, resolved, model, params, split: str) -> tuple:
         lambda p, x: {pool: model.apply({"params": p}, x, pool, method=model.features) for pool in vit.POOLS}
     )
     feats, labels = {pool: [] for pool in vit.POOLS}, []
-    for batch in input_pipeline.eval_batches(source, transform, BATCH):
+    for batch in input_pipeline.eval_batches(source, transform, BATCH, limit=limit):
         valid = batch["valid"] > 0
         out = jax.device_get(apply(params, batch["image"]))
         for pool in vit.POOLS:
@@ -56,7 +56,7 @@ def split_features(config, resolved, model, params, split: str) -> tuple:
     return {pool: np.concatenate(f) for pool, f in feats.items()}, np.concatenate(labels)
 
 
-def scores(workdir: str, bank: int) -> dict:
+def scores(workdir: str, bank: int, num_train=None, num_eval=None) -> dict:
     """{'checkpoint', 'validation': {pool: top1}, 'test': {pool: top1}, 'chosen'} of one encoder."""
     if task_lib.saved_config(workdir) is None:
         raise SystemExit(f"--encoder={workdir!r} has no config.json: point it at a pre-training workdir")
@@ -68,8 +68,9 @@ def scores(workdir: str, bank: int) -> dict:
         )
     model = models.build_model(resolved)
     params, loaded = checkpoint.load_params(workdir)
-    train, train_labels = split_features(config, resolved, model, params, config.dataset.train_split)
-    test, test_labels = split_features(config, resolved, model, params, config.dataset.eval_split)
+    split = lambda name, limit: split_features(config, resolved, model, params, name, limit)  # noqa: E731
+    train, train_labels = split(config.dataset.train_split, num_train)
+    test, test_labels = split(config.dataset.eval_split, num_eval)
     if not 0 < bank < len(train_labels):
         raise SystemExit(f"--bank={bank} is invalid: between 1 and {len(train_labels) - 1} training images")
     classes = int(train_labels.max()) + 1
@@ -117,20 +118,13 @@ def main(argv=None):
     )
     parser.add_argument("--out", required=True, help="folder for knn_pool.json and knn_pool.md")
     parser.add_argument("--bank", type=int, default=50000, help="training images in the validation bank")
+    parser.add_argument("--num_train", type=int, help="the first N training images only (default: all)")
+    parser.add_argument("--num_eval", type=int, help="the first N test images only (default: all)")
     args = parser.parse_args(argv)
-    results = {w: scores(w, args.bank) for w in args.encoder}
+    results = {w: scores(w, args.bank, args.num_train, args.num_eval) for w in args.encoder}
     revision = commit()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "knn_pool.json"), "w") as f:
-        json.dump(
-            {"commit": revision, "bank": args.bank, "k": K, "temperature": TEMPERATURE, "encoders": results},
-            f,
-            indent=2,
-        )
-    text = markdown(results, args.bank, revision)
-    with open(os.path.join(args.out, "knn_pool.md"), "w") as f:
-        f.write(text)
-    print(text)
+    record = {"commit": revision, "bank": args.bank, "k": K, "temperature": TEMPERATURE, "encoders": results}
+    write_record(args.out, "knn_pool", record, markdown(results, args.bank, revision))
 
 
 if __name__ == "__main__":

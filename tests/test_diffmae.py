@@ -252,6 +252,19 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
         assert psnr_on(mae, truth, pixel_mask) == pytest.approx(metrics["psnr_mae"], abs=0.05)
         # It learned: the t = T prediction fills the hole better than grey does.
         assert metrics["psnr_tT"] > psnr_on(grey, truth, pixel_mask) + SAMPLE_MARGIN_DB[mask], metrics
+    # The denoiser profile of the same workdir: its noised inputs carry the true detail at t = 0
+    # (1 % noise) and ever more energy as the noise grows, and its estimates are finite.
+    from experiments import denoiser_profile
+
+    profile_dir = tmp_path / "profile"
+    denoiser_profile.main([f"--diffmae={workdir}", f"--out={profile_dir}", "--num_images=8"])
+    with open(profile_dir / "profile.json") as f:
+        rows = json.load(f)["models"][workdir]["rows"]
+    assert [r["t"] for r in rows] == list(denoiser_profile.TIMESTEPS)
+    assert rows[0]["hf_ratio_x_t"] == pytest.approx(1.0, abs=0.05)
+    energy = [r["hf_ratio_x_t"] for r in rows]
+    assert energy == sorted(energy) and energy[-1] > 3
+    assert all(np.isfinite([r["psnr"], r["hf_ratio"]]).all() for r in rows)
 
 
 def test_user_masks_come_from_a_npy_file(tmp_path):

@@ -168,9 +168,9 @@ def check_diffusion_matches(trained, resolved, source: str) -> None:
     params check cannot see them, and a mismatch would sample silently wrong.
     A field missing from an older config.json was trained with its default.
     """
-    saved = dict(trained.get("diffusion", {}))
+    saved = model_config.resolve(trained).diffusion  # the defaults filled in, as for any model config
     for field, value in resolved.diffusion.items():
-        was = saved.get(field, model_config.DEFAULTS["diffusion"][field])
+        was = saved[field]
         if was != value:
             raise ConfigError(f"model.diffusion.{field}", value, f"{was!r}, what {source} was trained with")
 

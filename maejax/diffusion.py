@@ -18,6 +18,8 @@ prediction: no noise is added at the end.
 What the decoder's output stands for is `x0_estimate`'s business: the clean
 patches themselves (DiffMAE's x0-prediction) or v (Salimans & Ho), from which
 x0 follows given x_t; either way the loss and the samplers see an x0 estimate.
+Which error the loss squares is `loss_weights`' business: the x0 estimate's
+(DiffMAE's) or the v it implies, which weighs small t far more.
 """
 
 from typing import NamedTuple
@@ -30,6 +32,7 @@ import numpy as np
 SCHEDULES = ("linear", "cosine", "linear_pow")
 SAMPLERS = ("ddpm", "ddim", "renoise")
 PREDICTIONS = ("x0", "v")
+LOSSES = ("x0", "v")
 COSINE_OFFSET = 0.008
 
 
@@ -118,6 +121,24 @@ def x0_estimate(schedule: Schedule, output, x_t, t, prediction: str):
         signal, noise = _signal_and_noise(schedule, t, x_t)
         return signal * x_t - noise * output
     raise ValueError(f"unknown prediction {prediction!r}; valid: {PREDICTIONS}")
+
+
+def loss_weights(schedule: Schedule, t, loss: str):
+    """Per-example weights (B,) on the x0 estimate's squared error, at timesteps t (B,).
+
+    - x0: 1, the MSE of the x0 estimate (DiffMAE's loss).
+    - v:  1 / (1 - abar_t), the MSE of the v the x0 estimate implies: for a
+          fixed x_t, v - v_hat = (x0_hat - x0) / sqrt(1 - abar_t). This is
+          SNR_t + 1, so small t, where the detail of a sample is decided, weighs
+          up to 1 / beta_start (1e4) times more than under x0, as in the
+          v-prediction models of Salimans & Ho.
+    """
+    if loss == "x0":
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    if loss == "v":
+        one_minus_abar = -np.expm1(np.log(schedule.alphas_cumprod))  # float64, exact near t = 0
+        return jnp.asarray(1.0 / one_minus_abar, jnp.float32)[t]
+    raise ValueError(f"unknown loss {loss!r}; valid: {LOSSES}")
 
 
 def posterior_coefficients(schedule: Schedule, t, s):

@@ -167,10 +167,13 @@ def check_diffusion_matches(trained, resolved, source: str) -> None:
     The schedule and what the decoder outputs shape no parameter, so the
     params check cannot see them, and a mismatch would sample silently wrong.
     A field missing from an older config.json was trained with its default.
+    `loss` only weighed the training error: sampling does not depend on it.
     """
     saved = model_config.resolve(trained).diffusion  # the defaults filled in, as for any model config
     for field, value in resolved.diffusion.items():
         was = saved[field]
+        if field == "loss":
+            continue
         if was != value:
             raise ConfigError(f"model.diffusion.{field}", value, f"{was!r}, what {source} was trained with")
 

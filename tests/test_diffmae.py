@@ -91,6 +91,28 @@ def test_a_v_predicting_decoder_turns_its_output_into_the_x0_estimate():
     assert np.isfinite(float(loss))
 
 
+@pytest.mark.slow
+def test_the_v_loss_weighs_each_examples_x0_error_by_one_over_one_minus_abar():
+    model, params = init(TINY)
+    v_loss = models.build_model({**TINY, "diffusion": {**TINY["diffusion"], "loss": "v"}})
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(1), (2, 49))
+    eps = jax.random.normal(jax.random.key(2), (2, 37, 16))
+    t = jnp.asarray([0, 60], jnp.int32)
+    x0_out = model.apply({"params": params}, images, noise=noise, t=t, eps=eps)
+    v_out = v_loss.apply({"params": params}, images, noise=noise, t=t, eps=eps)
+    # The same x0 estimate; only the loss differs. pred is the truth at visible positions, so
+    # its squared error summed over each image is that image's masked patches' error.
+    np.testing.assert_array_equal(v_out["pred"], x0_out["pred"])
+    per_example = np.sum(
+        np.square(np.asarray(x0_out["pred"]) - np.asarray(masking.patchify(images, 4))), (1, 2)
+    )
+    x0_mse = per_example / (37 * 16)
+    np.testing.assert_allclose(float(x0_out["loss"]), x0_mse.mean(), rtol=1e-5)
+    weights = 1 / (1 - model.schedule.alphas_cumprod[np.asarray(t)])
+    np.testing.assert_allclose(float(v_out["loss"]), np.mean(x0_mse * weights), rtol=1e-4)
+
+
 def count_patch_embeddings(jaxpr, kernel_shape) -> int:
     """dot_generals whose operand is the encoder's (p*p*C, D) patch-embedding kernel, sub-jaxprs included."""
     count = 0
@@ -307,3 +329,6 @@ def test_sampling_refuses_diffusion_fields_other_than_the_checkpoint_was_trained
     trained_cosine = ConfigDict({"name": "diffmae", "diffusion": cosine})
     with pytest.raises(ConfigError, match=r"model\.diffusion\.schedule"):
         sample.check_diffusion_matches(trained_cosine, resolved, "--workdir='w'")
+    # The loss only weighed training: a v-loss checkpoint samples with either value.
+    trained_v_loss = ConfigDict({"name": "diffmae", "diffusion": {**resolved.diffusion, "loss": "v"}})
+    sample.check_diffusion_matches(trained_v_loss, resolved, "--workdir='w'")

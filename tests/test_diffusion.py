@@ -66,6 +66,28 @@ def test_the_x0_estimate_of_v_recovers_x0_and_of_x0_is_the_output():
         diffusion.x0_estimate(schedule, v, x_t, t, "eps")
 
 
+def test_the_v_loss_weight_turns_x0_errors_into_the_implied_v_errors():
+    schedule = diffusion.make_schedule("linear_pow", T)
+    t = jnp.asarray([0, 1, 250, 999], jnp.int32)
+    x0, eps, error = (jax.random.normal(jax.random.key(k), (4, 3, 5)) for k in (0, 1, 2))
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)][:, None, None]
+    x0_hat = x0 + 0.01 * error
+
+    def implied_v(x0_like):  # v from x_t and an x0 (estimate), in float64
+        x_t64, x064 = np.asarray(x_t, np.float64), np.asarray(x0_like, np.float64)
+        return (np.sqrt(abar) * x_t64 - x064) / np.sqrt(1 - abar)
+
+    v_mse = np.mean(np.square(implied_v(x0_hat) - implied_v(x0)), axis=(1, 2))
+    x0_mse = np.mean(np.square(np.asarray(x0_hat, np.float64) - np.asarray(x0, np.float64)), axis=(1, 2))
+    np.testing.assert_allclose(diffusion.loss_weights(schedule, t, "v") * x0_mse, v_mse, rtol=1e-3)
+    np.testing.assert_array_equal(diffusion.loss_weights(schedule, t, "x0"), np.ones(4))
+    # At t = 0 one unit of x0 error costs 1 / beta_start = 1e4 units of v error.
+    np.testing.assert_allclose(diffusion.loss_weights(schedule, t[:1], "v"), [1e4], rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown loss 'eps'"):
+        diffusion.loss_weights(schedule, t, "eps")
+
+
 @pytest.mark.parametrize("t, s", [(500, 499), (500, 300), (10, -1), (999, 0)])
 def test_posterior_matches_the_bayes_formulas(t, s):
     schedule = diffusion.make_schedule("cosine", T)

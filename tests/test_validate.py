@@ -58,6 +58,7 @@ BAD = {
     "model.diffusion.schedule": ("sigmoid", {}),
     "model.diffusion.rho": (0.0, {}),
     "model.diffusion.prediction": ("eps", {}),
+    "model.diffusion.loss": ("eps", {}),
     "model.diffusion.beta_start": (0.0, {}),
     "model.diffusion.beta_end": (5e-5, {}),  # below beta_start = 1e-4
     "dataset.name": ("", {}),

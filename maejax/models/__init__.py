@@ -59,6 +59,7 @@ def build_model(config_model):
             beta_end=d.beta_end,
             rho=d.rho,
             prediction=d.prediction,
+            loss=d.loss,
             **common,
         )
     if cfg.name == "classifier":

@@ -7,7 +7,9 @@ encodes the visible patches; the decoder predicts the clean masked patches
 of the x0 estimate averaged over masked patches, t uniform per example. With
 `model.diffusion.prediction='v'` the decoder outputs v instead and the x0
 estimate is sqrt(abar_t) x_t - sqrt(1 - abar_t) v (`diffusion.x0_estimate`);
-the loss, the samplers and `pred` are unchanged.
+the loss, the samplers and `pred` are unchanged. `model.diffusion.loss='v'`
+weighs each example's x0 error by 1 / (1 - abar_t), the MSE of the implied v
+(`diffusion.loss_weights`); the samplers do not depend on it.
 
 Decoder variants (`model.decoder.variant`):
 - 'joint': self-attention over the projected visible latents and the
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 
 from maejax import diffusion
 from maejax.models import masking
-from maejax.models.mae import PatchModel, loss_targets, reconstruction_loss
+from maejax.models.mae import PatchModel, loss_targets
 from maejax.models.vit import (
     CrossAttention,
     Encoder,
@@ -206,6 +208,7 @@ class DiffMAE(PatchModel, nn.Module):
     beta_end: float = 0.02
     rho: float = 0.8
     prediction: str = "x0"
+    loss: str = "x0"
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
@@ -285,7 +288,9 @@ class DiffMAE(PatchModel, nn.Module):
             eps = jax.random.normal(self.make_rng("diffusion"), x0.shape)
         x_t = diffusion.q_sample(self.schedule, x0, t, eps)
         pred = self.denoise(encoded, x_t, t)
-        loss = reconstruction_loss(pred, x0, jnp.ones(pred.shape[:2], jnp.float32))
+        # Every patch here is masked: the mean over them of each one's weighted MSE.
+        per_patch = jnp.mean(jnp.square(pred - x0), axis=-1)  # (B, Lm)
+        loss = jnp.mean(per_patch * diffusion.loss_weights(self.schedule, t, self.loss)[:, None])
         return {
             "loss": loss,
             "pred": self.assemble(encoded, pred),

@@ -10,7 +10,7 @@ import copy
 import ml_collections
 
 from maejax import checks
-from maejax.diffusion import PREDICTIONS, SCHEDULES
+from maejax.diffusion import LOSSES, PREDICTIONS, SCHEDULES
 from maejax.errors import ConfigError
 from maejax.models.diffmae import VARIANTS as DECODER_VARIANTS
 from maejax.models.vit import POOLS, VARIANTS, ViTSpec, decode_variant
@@ -61,6 +61,7 @@ DEFAULTS = {
         "beta_start": 1e-4,
         "beta_end": 0.02,
         "prediction": "x0",  # what the decoder outputs: 'x0' (DiffMAE's) or 'v'
+        "loss": "x0",  # which error the loss squares: the x0 estimate's (DiffMAE's) or its v's
     },
 }
 
@@ -174,6 +175,7 @@ def _check_diffusion(diff: dict) -> None:
     checks.choice(diff["schedule"], "model.diffusion.schedule", SCHEDULES)
     checks.number(diff["rho"], "model.diffusion.rho", 0, None, low_open=True)
     checks.choice(diff["prediction"], "model.diffusion.prediction", PREDICTIONS)
+    checks.choice(diff["loss"], "model.diffusion.loss", LOSSES)
     # Betas are probabilities that must grow: 0 < beta_start < beta_end < 1 (unused by 'cosine',
     # checked anyway so a switch of schedule never meets a bad value).
     start = checks.number(

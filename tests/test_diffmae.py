@@ -30,6 +30,21 @@ def init(cfg):
     return model, jax.jit(model.init)(rngs, x)["params"]
 
 
+def with_diffusion(**fields):
+    """TINY's DiffMAE with some model.diffusion fields changed (the same parameters)."""
+    return models.build_model({**TINY, "diffusion": {**TINY["diffusion"], **fields}})
+
+
+def two_images_masks_and_noise():
+    """(2, 28, 28, 1) images, their (2, 49) mask noise and (2, 37, 16) noise for the masked patches."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    return (
+        jax.random.normal(keys[0], (2, 28, 28, 1)),
+        jax.random.uniform(keys[1], (2, 49)),
+        jax.random.normal(keys[2], (2, 37, 16)),
+    )
+
+
 def test_cross_variants_read_the_encoder_top_down():
     assert [diffmae.context_block_index(j, 8, 12) for j in range(8)] == [11, 10, 8, 7, 5, 4, 2, 1]
     assert [diffmae.context_block_index(j, 4, 4) for j in range(4)] == [3, 2, 1, 0]
@@ -76,11 +91,9 @@ def test_pred_holds_x0_at_masked_and_the_truth_at_visible_positions():
 @pytest.mark.slow
 def test_a_v_predicting_decoder_turns_its_output_into_the_x0_estimate():
     model, params = init(TINY)
-    v_model = models.build_model({**TINY, "diffusion": {**TINY["diffusion"], "prediction": "v"}})
-    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
-    noise = jax.random.uniform(jax.random.key(1), (2, 49))
+    v_model = with_diffusion(prediction="v")
+    images, noise, x_t = two_images_masks_and_noise()
     encoded = model.apply({"params": params}, images, noise, method=model.encode)
-    x_t = jax.random.normal(jax.random.key(2), (2, 37, 16))
     t = jnp.asarray([0, 99], jnp.int32)
     # The same parameters: only what the decoder's output means differs.
     raw = model.apply({"params": params}, encoded, x_t, t, method=model.denoise)
@@ -94,10 +107,8 @@ def test_a_v_predicting_decoder_turns_its_output_into_the_x0_estimate():
 @pytest.mark.slow
 def test_the_v_loss_weighs_each_examples_x0_error_by_one_over_one_minus_abar():
     model, params = init(TINY)
-    v_loss = models.build_model({**TINY, "diffusion": {**TINY["diffusion"], "loss": "v"}})
-    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
-    noise = jax.random.uniform(jax.random.key(1), (2, 49))
-    eps = jax.random.normal(jax.random.key(2), (2, 37, 16))
+    v_loss = with_diffusion(loss="v")
+    images, noise, eps = two_images_masks_and_noise()
     t = jnp.asarray([0, 60], jnp.int32)
     x0_out = model.apply({"params": params}, images, noise=noise, t=t, eps=eps)
     v_out = v_loss.apply({"params": params}, images, noise=noise, t=t, eps=eps)

@@ -92,10 +92,15 @@ def _expand(values, like):
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
+def _one_minus_abar(schedule: Schedule) -> np.ndarray:
+    """1 - abar_t for every t, float64, without cancellation near t = 0."""
+    return -np.expm1(np.log(schedule.alphas_cumprod))
+
+
 def _signal_and_noise(schedule: Schedule, t, like):
     """sqrt(abar_t) and sqrt(1 - abar_t) per example t (B,) (traced is fine), broadcastable to `like`."""
     signal = jnp.asarray(np.sqrt(schedule.alphas_cumprod), jnp.float32)[t]
-    noise = jnp.asarray(np.sqrt(-np.expm1(np.log(schedule.alphas_cumprod))), jnp.float32)[t]
+    noise = jnp.asarray(np.sqrt(_one_minus_abar(schedule)), jnp.float32)[t]
     return _expand(signal, like), _expand(noise, like)
 
 
@@ -136,8 +141,7 @@ def loss_weights(schedule: Schedule, t, loss: str):
     if loss == "x0":
         return jnp.ones(jnp.shape(t), jnp.float32)
     if loss == "v":
-        one_minus_abar = -np.expm1(np.log(schedule.alphas_cumprod))  # float64, exact near t = 0
-        return jnp.asarray(1.0 / one_minus_abar, jnp.float32)[t]
+        return jnp.asarray(1.0 / _one_minus_abar(schedule), jnp.float32)[t]
     raise ValueError(f"unknown loss {loss!r}; valid: {LOSSES}")
 
 

@@ -172,9 +172,7 @@ def check_diffusion_matches(trained, resolved, source: str) -> None:
     saved = model_config.resolve(trained).diffusion  # the defaults filled in, as for any model config
     for field, value in resolved.diffusion.items():
         was = saved[field]
-        if field == "loss":
-            continue
-        if was != value:
+        if field != "loss" and was != value:
             raise ConfigError(f"model.diffusion.{field}", value, f"{was!r}, what {source} was trained with")
 
 

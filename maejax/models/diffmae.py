@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from maejax import diffusion
 from maejax.models import masking
-from maejax.models.mae import PatchModel, loss_targets
+from maejax.models.mae import PatchModel, loss_targets, reconstruction_loss
 from maejax.models.vit import (
     CrossAttention,
     Encoder,
@@ -288,9 +288,8 @@ class DiffMAE(PatchModel, nn.Module):
             eps = jax.random.normal(self.make_rng("diffusion"), x0.shape)
         x_t = diffusion.q_sample(self.schedule, x0, t, eps)
         pred = self.denoise(encoded, x_t, t)
-        # Every patch here is masked: the mean over them of each one's weighted MSE.
-        per_patch = jnp.mean(jnp.square(pred - x0), axis=-1)  # (B, Lm)
-        loss = jnp.mean(per_patch * diffusion.loss_weights(self.schedule, t, self.loss)[:, None])
+        weights = diffusion.loss_weights(self.schedule, t, self.loss)[:, None]  # (B, 1)
+        loss = reconstruction_loss(pred, x0, jnp.ones(pred.shape[:2], jnp.float32), weights)
         return {
             "loss": loss,
             "pred": self.assemble(encoded, pred),

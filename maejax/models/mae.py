@@ -47,14 +47,18 @@ def denormalize_patches(pred, reference_patches):
     return pred * jnp.sqrt(var + NORM_PIX_EPS) + mean
 
 
-def reconstruction_loss(pred, target, mask):
+def reconstruction_loss(pred, target, mask, weights=None):
     """Mean over masked patches of each patch's mean squared error.
 
     Args:
       pred, target: (B, L, P).
       mask: (B, L), 1 = masked.
+      weights: optional, broadcastable to (B, L): each patch's error is
+        weighted, the mean still over the masked patches (DiffMAE's v loss).
     """
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+    if weights is not None:
+        per_patch = per_patch * weights
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 

@@ -1,17 +1,18 @@
 """The inpainting table: MAE, DiffMAE's t = T prediction and DiffMAE's samplers, from one run.
 
-    python experiments/inpainting_table.py --diffmae=workdirs/diffmae_fmnist --mae=workdirs/mae_fmnist \
+    python experiments/inpainting_table.py --diffmae=workdirs/diffmae_fmnist [--mae=workdirs/mae_fmnist] \
         --out=workdirs/inpainting [--num_images=64] [--num_samples=4] [--steps=10,50,250] \
         [--samplers=ddpm,ddim,renoise] [--masks=random,center] [--classifier=FILE.npz]
 
-One process loads both models once and runs every setting in turn, with the
+One process loads the models once and runs every setting in turn, with the
 sample task's own functions (maejax/sample.py) on the same held-out images
 (the first `num_images` of the test split), the same masks and the same key,
 so a setting's PSNR, high-frequency ratio and diversity are those that
 `--config.task=sample` writes to sample_metrics.json for it. Settings, for
 each mask (`random` at the DiffMAE config's sample.mask_ratio, or the `center`
-block): `mae` (MAE's reconstruction), `tT` (DiffMAE's one-step prediction from
-pure noise at t = T), `<sampler><steps>` for every sampler and step count,
+block): `mae` (MAE's reconstruction, when --mae names a workdir), `tT`
+(DiffMAE's one-step prediction from pure noise at t = T), `<sampler><steps>`
+for every sampler and step count,
 and two model-free controls that calibrate the measures: `classmean` fills
 the masked region with the mean image of the true class (a blur that knows
 the label: PSNR's favourite) and `swap` with the pixels of another real
@@ -117,7 +118,7 @@ COLUMNS = (
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diffmae", required=True, help="a DiffMAE workdir (its newest checkpoint)")
-    parser.add_argument("--mae", required=True, help="an MAE workdir, trained on the same data")
+    parser.add_argument("--mae", help="an MAE workdir, trained on the same data; without it, no MAE rows")
     parser.add_argument("--out", required=True, help="where the metrics files and table.md go")
     parser.add_argument("--num_images", type=int, default=64, help="held-out test images inpainted")
     parser.add_argument("--num_samples", type=int, default=4, help="DiffMAE samples per image")
@@ -190,11 +191,11 @@ def write_record(out: str, stem: str, record: dict, text: str) -> None:
 
 
 def load_models(args):
-    """The DiffMAE's config, resolved model and params, and MAE's (model, params), all checked."""
+    """The DiffMAE's config, resolved model and params, and MAE's (model, params) or None, all checked."""
     task_lib.source_model(args.diffmae, "diffmae", "--diffmae")
     if task_lib.saved_config(args.diffmae) is None:
         raise UserError(f"--diffmae={args.diffmae!r} has no config.json: point it at a DiffMAE workdir")
-    if task_lib.source_model(args.mae, "mae", "--mae") is None:
+    if args.mae and task_lib.source_model(args.mae, "mae", "--mae") is None:
         raise UserError(f"--mae={args.mae!r} has no config.json: point it at an MAE workdir")
     config = config_lib.read_config_json(args.diffmae)
     config.task = "sample"
@@ -211,7 +212,7 @@ def load_models(args):
         )
     task = task_lib.Task(config, args.diffmae, resolved, lease=None, is_main=True)
     params, loaded = sample_lib.load_diffmae(task, model)
-    return config, resolved, model, params, loaded, sample_lib.load_mae(args.mae)
+    return config, resolved, model, params, loaded, sample_lib.load_mae(args.mae) if args.mae else None
 
 
 # ---------------------------------------------------------------- data
@@ -455,10 +456,13 @@ def run_mask(mask, args, ctx) -> list:
         print(f"{name}: {json.dumps(metrics)}", flush=True)
         rows.append(result)
 
-    start = time.time()
-    with setting(f"{mask}_mae"):
-        mae_images = sample_lib.mae_prediction(*ctx["mae"], images, noise, mean, std)
-        record("mae", {**score(mae_images[None]), "diversity": 0.0}, seconds=round(time.time() - start, 1))
+    mae_images = None
+    if ctx["mae"] is not None:
+        start = time.time()
+        with setting(f"{mask}_mae"):
+            mae_images = sample_lib.mae_prediction(*ctx["mae"], images, noise, mean, std)
+            seconds = round(time.time() - start, 1)
+            record("mae", {**score(mae_images[None]), "diversity": 0.0}, seconds=seconds)
 
     t_T, eta = None, float(config.sample.eta)
     runs = [(sampler, steps) for sampler in args.samplers for steps in args.steps]
@@ -478,7 +482,8 @@ def run_mask(mask, args, ctx) -> list:
                 record(f"{sampler}{steps}", score(samples), seconds=round(time.time() - start, 1), **extra)
     with setting(f"{mask}_tT"):
         tT_metrics = score(t_T[None])
-        tT_metrics["psnr_vs_mae"] = float(evaluate.psnr_masked(t_T, mae_images, pixel_mask).mean())
+        if mae_images is not None:
+            tT_metrics["psnr_vs_mae"] = float(evaluate.psnr_masked(t_T, mae_images, pixel_mask).mean())
         record("tT", tT_metrics)
     fills = control_fills(truth, labels, ctx["pool"], ctx["pool_labels"], pixel_mask, config.seed)
     for method, filled in fills.items():
@@ -513,7 +518,8 @@ def render_table(rows: list, real: dict, header: dict) -> str:
     """The Markdown table: the real images first, then one row per setting, then the notes."""
     lines = [
         f"Inpainting, {header['num_images']} held-out test images, {header['num_samples']} DiffMAE "
-        f"samples each; DiffMAE {header['checkpoint']}, MAE {header['mae']}; commit {header['commit']}.",
+        f"samples each; DiffMAE {header['checkpoint']}, MAE {header['mae'] or 'not given (no MAE rows)'}; "
+        f"commit {header['commit']}.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -298,6 +298,24 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
     energy = [r["hf_ratio_x_t"] for r in rows]
     assert energy == sorted(energy) and energy[-1] > 3
     assert all(np.isfinite([r["psnr"], r["hf_ratio"]]).all() for r in rows)
+    # The inpainting table of the same workdir, with the MAE and without one (then no MAE rows).
+    from experiments import inpainting_table
+
+    flags = ["--num_images=8", "--num_samples=2", "--samplers=ddpm", "--steps=2", "--classifier_epochs=1"]
+    flags.append(f"--classifier={tmp_path / 'classifier.npz'}")  # trained by the first run, then read
+    for mask, mae in [("random", pretrained_workdir), ("center", None)]:
+        out = tmp_path / f"inpainting_{mask}"
+        given = [f"--mae={mae}"] if mae else []
+        inpainting_table.main([f"--diffmae={workdir}", f"--out={out}", f"--masks={mask}", *flags, *given])
+        settings = sorted(p.stem for p in out.glob(f"{mask}_*.json"))
+        methods = ["classmean", "ddpm2", "swap", "tT"] + (["mae"] if mae else [])
+        assert settings == sorted(f"{mask}_{m}" for m in methods)
+        with open(out / f"{mask}_tT.json") as f:
+            t_T = json.load(f)
+        assert ("psnr_vs_mae" in t_T) == bool(mae) and np.isfinite(t_T["psnr"])
+        text = (out / "table.md").read_text()
+        assert ("MAE reconstruction" in text) == bool(mae)
+        assert ("not given (no MAE rows)" in text) != bool(mae)
 
 
 def test_user_masks_come_from_a_npy_file(tmp_path):

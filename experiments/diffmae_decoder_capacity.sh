@@ -2,6 +2,8 @@
 # Does a bigger DiffMAE decoder denoise better at the small t that decide a sample's detail?
 #
 #   bash experiments/diffmae_decoder_capacity.sh   # ~45 min on 2 CPU cores
+#   STEPS=14063 DECODERS=w128d4 bash experiments/diffmae_decoder_capacity.sh
+#       # 60 epochs, the wide decoder only (~1 h 25 min): experiments/results/table_long/capacity60_e40702c
 #   STEPS=23438 DECODERS=w128d4 bash experiments/diffmae_decoder_capacity.sh
 #       # the long budget's length, the wide decoder only (~2 h 15 min): the 64-wide
 #       # one at that length is `LOSS=v bash experiments/diffmae_v_prediction.sh pretrain`

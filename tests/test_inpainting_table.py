@@ -1,4 +1,8 @@
-"""experiments/inpainting_table.py: its Frechet distance, controls and table; one tiny end-to-end run."""
+"""experiments/inpainting_table.py: its Frechet distance, controls, table and flags.
+
+The end-to-end run (with and without an MAE) is in test_diffmae.py's sample-task test, on its
+CLI-trained DiffMAE.
+"""
 
 import os
 import sys

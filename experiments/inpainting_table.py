@@ -2,7 +2,7 @@
 
     python experiments/inpainting_table.py --diffmae=workdirs/diffmae_fmnist [--mae=workdirs/mae_fmnist] \
         --out=workdirs/inpainting [--num_images=64] [--num_samples=4] [--steps=10,50,250] \
-        [--samplers=ddpm,ddim,renoise] [--masks=random,center] [--classifier=FILE.npz]
+        [--samplers=ddpm,ddim,renoise] [--eps_scales=1] [--masks=random,center] [--classifier=FILE.npz]
 
 One process loads the models once and runs every setting in turn, with the
 sample task's own functions (maejax/sample.py) on the same held-out images
@@ -12,7 +12,9 @@ so a setting's PSNR, high-frequency ratio and diversity are those that
 each mask (`random` at the DiffMAE config's sample.mask_ratio, or the `center`
 block): `mae` (MAE's reconstruction, when --mae names a workdir), `tT`
 (DiffMAE's one-step prediction from pure noise at t = T), `<sampler><steps>`
-for every sampler and step count,
+for every sampler and step count (`<sampler><steps>_eps<lambda>` for every
+--eps_scales value other than 1: the sampler dividing each step's inferred
+noise by lambda, sample.eps_scale),
 and two model-free controls that calibrate the measures: `classmean` fills
 the masked region with the mean image of the true class (a blur that knows
 the label: PSNR's favourite) and `swap` with the pixels of another real
@@ -124,6 +126,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=4, help="DiffMAE samples per image")
     parser.add_argument("--steps", default="10,50,250", help="sampler step counts, comma-separated")
     parser.add_argument("--samplers", default=",".join(diffusion.SAMPLERS), help="comma-separated")
+    parser.add_argument(
+        "--eps_scales", default="1", help="sample.eps_scale values, comma-separated (1 = off)"
+    )
     parser.add_argument("--masks", default=",".join(MASKS), help="comma-separated: random, center")
     parser.add_argument(
         "--classifier",
@@ -133,6 +138,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.steps = _int_list(parser, "--steps", args.steps)
     args.samplers = _choices(parser, "--samplers", args.samplers, diffusion.SAMPLERS)
+    args.eps_scales = _scale_list(parser, args.eps_scales)
     args.masks = _choices(parser, "--masks", args.masks, MASKS)
     if not args.masks:
         parser.error("--masks is empty: give at least one of random, center")
@@ -155,6 +161,21 @@ def _int_list(parser, flag: str, text: str) -> list:
     if any(v < 1 for v in values):
         parser.error(f"{flag}={text!r} is invalid: every step count must be at least 1")
     return values
+
+
+def _scale_list(parser, text: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--eps_scales={text!r} is invalid: comma-separated numbers, e.g. 1,1.1,1.15")
+    if not values or any(not 1 <= v <= 2 for v in values):
+        parser.error(f"--eps_scales={text!r} is invalid: at least one value, each in [1, 2] (1 = off)")
+    return list(dict.fromkeys(values))
+
+
+def method_name(sampler: str, steps: int, eps_scale: float) -> str:
+    """A sampler setting's method name: ddpm250, or ddpm250_eps1.15 with a noise scale."""
+    return f"{sampler}{steps}" + ("" if eps_scale == 1 else f"_eps{eps_scale:g}")
 
 
 def _choices(parser, flag: str, text: str, valid) -> list:
@@ -203,6 +224,7 @@ def load_models(args):
     config.compare_mae_from = args.mae
     config.sample.num_images = args.num_images
     config.sample.num_samples = args.num_samples
+    config.sample.eps_scale = 1.0  # each row passes its own; workdirs saved before the field lack it
     resolved = validate.validate(config)
     model = models.build_model(resolved)
     too_many = [s for s in args.steps if s > model.timesteps]
@@ -403,8 +425,10 @@ def row_label(mask: str, method: str, masked: int, num_patches: int) -> str:
         return f"{where}: DiffMAE t = T (one step from noise)"
     if method in CONTROL_LABELS:
         return f"{where}: control, {CONTROL_LABELS[method]}"
-    sampler = method.rstrip("0123456789")
-    return f"{where}: DiffMAE {SAMPLER_LABELS[sampler]} {method[len(sampler) :]} steps"
+    run, _, scale = method.partition("_eps")
+    sampler = run.rstrip("0123456789")
+    label = f"{where}: DiffMAE {SAMPLER_LABELS[sampler]} {run[len(sampler) :]} steps"
+    return label + (f", noise estimate / {scale}" if scale else "")
 
 
 def control_fills(truth, labels, pool, pool_labels, pixel_mask, seed: int) -> dict:
@@ -465,11 +489,12 @@ def run_mask(mask, args, ctx) -> list:
             record("mae", {**score(mae_images[None]), "diversity": 0.0}, seconds=seconds)
 
     t_T, eta = None, float(config.sample.eta)
-    runs = [(sampler, steps) for sampler in args.samplers for steps in args.steps]
-    for sampler, steps in runs or [("ddpm", 1)]:  # without samplers, one short run gives t = T
+    runs = [(s, n, e) for s in args.samplers for e in args.eps_scales for n in args.steps]
+    for sampler, steps, scale in runs or [("ddpm", 1, 1.0)]:  # without samplers, one short run gives t = T
         start = time.time()
-        with setting(f"{mask}_{sampler}{steps}" if runs else f"{mask}_tT"):
-            out = sample_lib.inpaint_fn(model, sampler, steps, eta, args.num_samples)(
+        method = method_name(sampler, steps, scale)
+        with setting(f"{mask}_{method}" if runs else f"{mask}_tT"):
+            out = sample_lib.inpaint_fn(model, sampler, steps, eta, args.num_samples, scale)(
                 params, images, noise, jax.random.key(config.seed)
             )
             encoded = out["encoded"]
@@ -478,8 +503,9 @@ def run_mask(mask, args, ctx) -> list:
                 t_T = pixels(out["t_T"])
             if runs:
                 samples = np.stack([pixels(x) for x in out["samples"]])
-                extra = {"sampler": sampler, "steps": steps, "eta": eta, "num_samples": args.num_samples}
-                record(f"{sampler}{steps}", score(samples), seconds=round(time.time() - start, 1), **extra)
+                extra = {"sampler": sampler, "steps": steps, "eta": eta, "eps_scale": scale}
+                extra["num_samples"] = args.num_samples
+                record(method, score(samples), seconds=round(time.time() - start, 1), **extra)
     with setting(f"{mask}_tT"):
         tT_metrics = score(t_T[None])
         if mae_images is not None:
@@ -489,7 +515,7 @@ def run_mask(mask, args, ctx) -> list:
     for method, filled in fills.items():
         with setting(f"{mask}_{method}"):
             record(method, score(filled[None]))
-    order = ["mae", "tT"] + [f"{s}{n}" for s, n in runs] + list(fills)
+    order = ["mae", "tT"] + [method_name(*run) for run in runs] + list(fills)
     return sorted(rows, key=lambda r: order.index(r["setting"][len(mask) + 1 :]))
 
 

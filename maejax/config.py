@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ddpm"  # 'ddpm' | 'ddim' | 'renoise'
     c.sample.steps = 50
     c.sample.eta = 0.0  # DDIM
+    c.sample.eps_scale = 1.0  # divide each step's inferred noise by this; 1 = off (see diffusion.py)
     c.sample.num_samples = 4
     c.sample.mask = "random"  # 'random' | 'center' | a .npy file of (L,) or (N, L) masks
     c.sample.mask_ratio = 0.75

@@ -15,6 +15,13 @@ prediction: no noise is added at the end.
 - 'renoise': the seed note's literal procedure: predict x0, then noise it
   afresh to the next smaller t with q(x_s | x0).
 
+Any sampler can divide the noise its step infers by `eps_scale` (lambda >= 1,
+Ning et al. 2024, "Elucidating the Exposure Bias in Diffusion Models"): a
+model trained on true x_t but run on its own, smoother, chain removes too much
+at each step; x0' = x0 / lambda + (1 - 1/lambda) x_t / sqrt(abar_t) is the x0
+whose implied noise (x_t - sqrt(abar_t) x0') / sqrt(1 - abar_t) is the
+predicted noise over lambda. It is folded into the step coefficients.
+
 What the decoder's output stands for is `x0_estimate`'s business: the clean
 patches themselves (DiffMAE's x0-prediction) or v (Salimans & Ho), from which
 x0 follows given x_t; either way the loss and the samplers see an x0 estimate.
@@ -168,7 +175,9 @@ def posterior(schedule: Schedule, x0, x_t, t: int, s: int):
     return float(c_x0) * x0 + float(c_xt) * x_t, float(var)
 
 
-def step_coefficients(sampler: str, schedule: Schedule, t, s, eta: float = 0.0) -> np.ndarray:
+def step_coefficients(
+    sampler: str, schedule: Schedule, t, s, eta: float = 0.0, eps_scale: float = 1.0
+) -> np.ndarray:
     """(..., 3) float64 [A, B, C] of one move x_s = A x0_pred + B x_t + C z, z ~ N(0, I).
 
     - ddpm:    the posterior q(x_s | x_t, x0_pred);
@@ -177,6 +186,9 @@ def step_coefficients(sampler: str, schedule: Schedule, t, s, eta: float = 0.0) 
                sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s);
     - renoise: q(x_s | x0_pred), fresh noise;
     and at the end (s = -1) every sampler returns x0_pred: [1, 0, 0].
+    With eps_scale = lambda, x0_pred is replaced by x0 / lambda + (1 - 1/lambda) x_t / sqrt(abar_t)
+    (the predicted noise over lambda): A -> A / lambda, B -> B + A (1 - 1/lambda) / sqrt(abar_t),
+    the last step included.
     """
     t, s = np.asarray(t), np.asarray(s)
     abar_t, abar_s = schedule.abar(t), schedule.abar(s)
@@ -194,7 +206,17 @@ def step_coefficients(sampler: str, schedule: Schedule, t, s, eta: float = 0.0) 
         coef = np.stack([np.sqrt(abar_s), np.zeros_like(abar_s), np.sqrt(one_minus_s)], axis=-1)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
-    return np.where((s < 0)[..., None], np.array([1.0, 0.0, 0.0]), coef)
+    coef = np.where((s < 0)[..., None], np.array([1.0, 0.0, 0.0]), coef)
+    return scale_noise_estimate(coef, abar_t, eps_scale)
+
+
+def scale_noise_estimate(coef, abar_t, eps_scale: float) -> np.ndarray:
+    """[A, B, C] of a step that sees the x0 whose implied noise is the predicted noise / eps_scale."""
+    if eps_scale <= 0:
+        raise ValueError(f"eps_scale must be positive, got {eps_scale}")
+    a, b, c = np.moveaxis(np.asarray(coef, np.float64), -1, 0)
+    shrink = 1.0 - 1.0 / eps_scale
+    return np.stack([a / eps_scale, b + a * shrink / np.sqrt(abar_t), c], axis=-1)
 
 
 def apply_step(coef, x_t, x0, key):
@@ -212,7 +234,16 @@ def timestep_sequence(timesteps: int, steps: int) -> np.ndarray:
 
 
 def sample(
-    denoise, schedule: Schedule, shape, key, *, sampler="ddpm", steps=50, eta=0.0, return_trajectory=False
+    denoise,
+    schedule: Schedule,
+    shape,
+    key,
+    *,
+    sampler="ddpm",
+    steps=50,
+    eta=0.0,
+    eps_scale=1.0,
+    return_trajectory=False,
 ):
     """Draw x0 of `shape` (B, ...) by iterating `denoise` from pure noise.
 
@@ -225,14 +256,15 @@ def sample(
       sampler: 'ddpm' | 'ddim' | 'renoise'.
       steps: number of denoiser calls (a sub-sequence of the T timesteps).
       eta: DDIM stochasticity (ignored by the others).
-      return_trajectory: also return the x0 prediction of every step, (steps, *shape).
+      eps_scale: divide each step's inferred noise by this (1 = the model's own estimate).
+      return_trajectory: also return the denoiser's x0 prediction of every step, (steps, *shape).
 
     Returns:
       x0 (shape,), or (x0, trajectory).
     """
     ts = timestep_sequence(schedule.timesteps, steps)
     nexts = np.concatenate([ts[1:], [-1]]).astype(np.int32)
-    coefs = jnp.asarray(step_coefficients(sampler, schedule, ts, nexts, eta), jnp.float32)
+    coefs = jnp.asarray(step_coefficients(sampler, schedule, ts, nexts, eta, eps_scale), jnp.float32)
     batch = shape[0]
     x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
 

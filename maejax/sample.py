@@ -80,7 +80,7 @@ def with_mask_count(model, masked: int):
     return model.clone(mask_ratio=(masked - 0.5) / model.num_patches)
 
 
-def inpaint_fn(model, sampler: str, steps: int, eta: float, num_samples: int):
+def inpaint_fn(model, sampler: str, steps: int, eta: float, num_samples: int, eps_scale: float = 1.0):
     """jit (params, images, noise, key) -> masked-patch predictions of every kind.
 
     Returns a dict with (N, Lm, P) `t_T` (the one-step prediction from pure
@@ -109,6 +109,7 @@ def inpaint_fn(model, sampler: str, steps: int, eta: float, num_samples: int):
                 sampler=sampler,
                 steps=steps,
                 eta=eta,
+                eps_scale=eps_scale,
                 return_trajectory=True,
             )
 
@@ -211,7 +212,7 @@ def _sample(task) -> dict:
     noise = masking.noise_from_mask(masks)
 
     s = config.sample
-    out = inpaint_fn(model, s.sampler, s.steps, s.eta, s.num_samples)(
+    out = inpaint_fn(model, s.sampler, s.steps, s.eta, s.num_samples, s.eps_scale)(
         params, images, noise, jax.random.key(config.seed)
     )
     encoded = out["encoded"]
@@ -243,7 +244,9 @@ def _sample(task) -> dict:
     columns += [t_T, *samples, *trajectory]
 
     name = f"inpaint_{os.path.splitext(os.path.basename(s.mask))[0]}_{s.sampler}{s.steps}"
+    name += "" if s.eps_scale == 1 else f"_eps{s.eps_scale:g}"
     info = {"checkpoint": loaded, "sampler": s.sampler, "steps": s.steps, "eta": s.eta, "mask": s.mask}
+    info["eps_scale"] = s.eps_scale
     info.update(
         {"num_images": len(images), "num_samples": s.num_samples, "masked_patches": int(masks[0].sum())}
     )

@@ -241,7 +241,7 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
     pretrain = run_maejax("--config=configs/diffmae_fmnist.py", f"--workdir={workdir}", *tiny)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     num_images, num_samples, steps = 8, 3, 10
-    for mask, sampler in [("random", "ddpm"), ("center", "ddim")]:
+    for mask, sampler, eps_scale in [("random", "ddpm", 1.0), ("center", "ddim", 1.02)]:
         result = run_maejax(
             "--config=configs/diffmae_fmnist.py",
             f"--workdir={workdir}",
@@ -250,12 +250,14 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
             f"--config.sample.mask={mask}",
             f"--config.sample.sampler={sampler}",
             f"--config.sample.steps={steps}",
+            f"--config.sample.eps_scale={eps_scale}",
             f"--config.sample.num_images={num_images}",
             f"--config.sample.num_samples={num_samples}",
             f"--config.compare_mae_from={pretrained_workdir}",
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        png = os.path.join(workdir, "images", f"inpaint_{mask}_{sampler}{steps}.png")
+        scaled = "" if eps_scale == 1 else f"_eps{eps_scale}"
+        png = os.path.join(workdir, "images", f"inpaint_{mask}_{sampler}{steps}{scaled}.png")
         with open(os.path.join(workdir, "sample_metrics.json")) as f:
             metrics = json.load(f)
         for key in (
@@ -270,6 +272,7 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
             assert np.isfinite(metrics[key]), key
         assert metrics["diversity"] > 0 and metrics["checkpoint"].endswith("step 100")
         assert metrics["num_samples"] == 3 and metrics["masked_patches"] > 0
+        assert metrics["eps_scale"] == eps_scale
         # The grid: original | masked (grey) | MAE | t = T | 3 samples | 5 trajectory snapshots.
         cells = grid_columns(png, num_images, 2 + 1 + 1 + num_samples + 5)
         truth, grey, mae, t_T = (cells[:, k] for k in range(4))
@@ -305,10 +308,10 @@ def test_the_sample_task_inpaints_from_a_cli_pretraining(tmp_path, tfds_dir, pre
     flags.append(f"--classifier={tmp_path / 'classifier.npz'}")  # trained by the first run, then read
     for mask, mae in [("random", pretrained_workdir), ("center", None)]:
         out = tmp_path / f"inpainting_{mask}"
-        given = [f"--mae={mae}"] if mae else []
+        given = [f"--mae={mae}"] if mae else ["--eps_scales=1,1.1"]
         inpainting_table.main([f"--diffmae={workdir}", f"--out={out}", f"--masks={mask}", *flags, *given])
         settings = sorted(p.stem for p in out.glob(f"{mask}_*.json"))
-        methods = ["classmean", "ddpm2", "swap", "tT"] + (["mae"] if mae else [])
+        methods = ["classmean", "ddpm2", "swap", "tT"] + (["mae"] if mae else ["ddpm2_eps1.1"])
         assert settings == sorted(f"{mask}_{m}" for m in methods)
         with open(out / f"{mask}_tT.json") as f:
             t_T = json.load(f)

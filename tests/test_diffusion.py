@@ -306,3 +306,53 @@ def test_the_compiled_sampler_does_not_grow_with_the_number_of_steps():
         return sum(1 for line in lines if " = " in line and "constant" not in line)
 
     assert hlo_ops(1000) == hlo_ops(10)  # a scan: the step count is data, not code
+
+
+@pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
+@pytest.mark.parametrize("t, s", [(999, 899), (40, 39), (3, -1)])
+def test_eps_scale_is_the_step_on_the_x0_that_implies_the_predicted_noise_over_lambda(sampler, t, s):
+    schedule, lam = diffusion.make_schedule("linear_pow", T), 1.15
+    rng = np.random.default_rng(0)
+    x0, x_t = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+    alpha, sigma = np.sqrt(schedule.abar(t)), np.sqrt(1 - schedule.abar(t))
+    eps = (x_t - alpha * x0) / sigma
+    x0_scaled = (x_t - sigma * eps / lam) / alpha
+    plain = diffusion.step_coefficients(sampler, schedule, t, s, eta=0.3)
+    scaled = diffusion.step_coefficients(sampler, schedule, t, s, eta=0.3, eps_scale=lam)
+    np.testing.assert_allclose(
+        scaled[0] * x0 + scaled[1] * x_t, plain[0] * x0_scaled + plain[1] * x_t, rtol=1e-9, atol=1e-9
+    )
+    assert scaled[2] == plain[2]  # the fresh noise is untouched
+    one = diffusion.step_coefficients(sampler, schedule, t, s, eta=0.3, eps_scale=1.0)
+    np.testing.assert_array_equal(one, plain)  # 1 is exactly off
+
+
+def test_eps_scaled_ddpm_is_ho_et_als_noise_form_mean_with_the_noise_divided():
+    # One DDPM step in the noise form (Ho et al. eq. 11): x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t)
+    # eps) / sqrt(alpha_t), derived independently of the x0 form the sampler uses.
+    schedule, lam, t = diffusion.make_schedule("linear", T), 1.1, 500
+    beta, abar = 1 - schedule.abar(t) / schedule.abar(t - 1), schedule.abar(t)
+    rng = np.random.default_rng(1)
+    x0, x_t = rng.normal(size=4), rng.normal(size=4)
+    eps = (x_t - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+    expected = (x_t - beta / np.sqrt(1 - abar) * eps / lam) / np.sqrt(1 - beta)
+    a, b, _ = diffusion.step_coefficients("ddpm", schedule, t, t - 1, eps_scale=lam)
+    np.testing.assert_allclose(a * x0 + b * x_t, expected, rtol=1e-9)
+
+
+def test_an_eps_scaled_sample_ends_on_the_scaled_x0_and_sharpens_a_smoothing_denoiser():
+    schedule, lam = diffusion.make_schedule("linear_pow", T), 1.2
+
+    def denoise(x_t, t):  # shrinks x_t toward 0: less noise inferred means more of x_t kept
+        return 0.5 * x_t
+
+    key = jax.random.key(3)
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), (2, 6))
+    one = diffusion.sample(denoise, schedule, (2, 6), key, steps=1, eps_scale=lam)
+    alpha = np.sqrt(schedule.abar(T - 1))
+    np.testing.assert_allclose(one, 0.5 * x_T / lam + (1 - 1 / lam) * x_T / alpha, rtol=1e-5)
+    plain = diffusion.sample(denoise, schedule, (2, 6), key, steps=50)
+    scaled = diffusion.sample(denoise, schedule, (2, 6), key, steps=50, eps_scale=lam)
+    assert np.abs(scaled).mean() > np.abs(plain).mean()
+    with pytest.raises(ValueError, match="eps_scale must be positive, got 0"):
+        diffusion.step_coefficients("ddpm", schedule, 10, 5, eps_scale=0)

@@ -142,6 +142,8 @@ def test_the_table_says_when_fd_is_too_noisy_to_order_the_controls():
         ("--steps=10,0", "at least 1"),
         ("--steps=ten", "comma-separated integers"),
         ("--num_samples=1", "diversity"),
+        ("--eps_scales=1,0.9", "each in [1, 2]"),
+        ("--eps_scales=one", "comma-separated numbers"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_named(flag, message, capsys):
@@ -156,3 +158,13 @@ def test_a_non_finite_measure_stops_the_run_naming_the_setting():
     with pytest.raises(RuntimeError, match=r"setting center_ddpm5 failed: .*\['fd'\] not finite"):
         with table.setting("center_ddpm5"):
             table.check_finite("center_ddpm5", {"psnr": 7.0, "fd": float("nan"), "diversity": None})
+
+
+def test_each_noise_scale_gets_its_own_method_and_row_label():
+    args = table.parse_args(["--diffmae=d", "--out=o", "--eps_scales=1,1.15,1.0"])
+    assert args.eps_scales == [1.0, 1.15]  # repeats dropped, order kept
+    assert [table.method_name("ddpm", 250, e) for e in args.eps_scales] == ["ddpm250", "ddpm250_eps1.15"]
+    assert table.row_label("random", "ddpm250", 12, 16) == "random (12/16 patches): DiffMAE DDPM 250 steps"
+    assert table.row_label("center", "ddim50_eps1.02", 9, 16) == (
+        "center (9/16 patches): DiffMAE DDIM 50 steps, noise estimate / 1.02"
+    )

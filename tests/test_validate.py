@@ -109,6 +109,7 @@ BAD = {
     "sample.sampler": ("euler", {}),
     "sample.steps": (0, {}),
     "sample.eta": (2.0, {}),
+    "sample.eps_scale": (0.9, {}),  # below 1 removes more noise than the model infers
     "sample.num_samples": (0, {}),
     "sample.mask": ("/nonexistent/masks.npy", SAMPLE_TASK),
     "sample.mask_ratio": (1.0, {}),

@@ -168,8 +168,11 @@ def _scale_list(parser, text: str) -> list:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         parser.error(f"--eps_scales={text!r} is invalid: comma-separated numbers, e.g. 1,1.1,1.15")
-    if not values or any(not 1 <= v <= 2 for v in values):
-        parser.error(f"--eps_scales={text!r} is invalid: at least one value, each in [1, 2] (1 = off)")
+    low, high = diffusion.EPS_SCALE_RANGE
+    if not values or any(not low <= v <= high for v in values):
+        parser.error(
+            f"--eps_scales={text!r} is invalid: at least one value, each in [{low:g}, {high:g}] (1 = off)"
+        )
     return list(dict.fromkeys(values))
 
 

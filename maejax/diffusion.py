@@ -41,6 +41,7 @@ SAMPLERS = ("ddpm", "ddim", "renoise")
 PREDICTIONS = ("x0", "v")
 LOSSES = ("x0", "v")
 COSINE_OFFSET = 0.008
+EPS_SCALE_RANGE = (1.0, 2.0)  # sample.eps_scale: 1 = the model's own noise estimate
 
 
 def betas_for(name: str, timesteps: int, beta_start=1e-4, beta_end=0.02, rho=0.8) -> np.ndarray:

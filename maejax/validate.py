@@ -222,7 +222,7 @@ def validate_sample(config) -> None:
     _choice(config, "sample.sampler", diffusion.SAMPLERS)
     _int(config, "sample.steps")  # at most model.diffusion.timesteps: sample.run checks it
     _number(config, "sample.eta", 0, 1)
-    _number(config, "sample.eps_scale", 1, 2)  # 1 = the model's own noise estimate
+    _number(config, "sample.eps_scale", *diffusion.EPS_SCALE_RANGE)
     _int(config, "sample.num_samples")
     _int(config, "sample.num_images")
     _number(config, "sample.mask_ratio", 0, 1, low_open=True, high_open=True)
